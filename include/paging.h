@@ -1,0 +1,42 @@
+/*-------------------------------------------------------------------------
+ *
+ * paging.h
+ *	  Reads an entity page by page: $top/$skip, or the server's nextLink.
+ *	  Only one page is held at a time.
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef CIFLOW_PAGING_H
+#define CIFLOW_PAGING_H
+
+#include "ciflow_json.h"
+
+#include "connection.h"
+#include "request.h"
+
+typedef struct CiflowPager CiflowPager;
+
+/*
+ * query holds the options other than paging, already encoded ("" for none).
+ * failmsg is the primary message of every error the pull raises.
+ */
+extern CiflowPager *CiflowPagerBegin(const CiflowConnection *conn,
+									 const char *entity, const char *query,
+									 const char *failmsg, CiflowCallStats *stats);
+
+/*
+ * Fetches the next page.  Returns the page with *rows pointing at its row
+ * array, or NULL when the pull is complete.  The pager owns the page: it
+ * lives until the next call or CiflowPagerEnd, and is not json_decref'd.
+ */
+extern json_t *CiflowPagerNext(CiflowPager *pager, json_t **rows);
+
+/* Pages fetched so far (the one being worked on included). */
+extern int	CiflowPagerPages(const CiflowPager *pager);
+
+/* The server's @odata.count, or -1 when it sent none. */
+extern int64 CiflowPagerCount(const CiflowPager *pager);
+
+extern void CiflowPagerEnd(CiflowPager *pager);
+
+#endif							/* CIFLOW_PAGING_H */

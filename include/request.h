@@ -1,0 +1,56 @@
+/*-------------------------------------------------------------------------
+ *
+ * request.h
+ *	  The one request path: credentials, transfer, retry policy, error
+ *	  mapping.  Every call to the service and to the token endpoint goes
+ *	  through CiflowRequestPerform.
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef CIFLOW_REQUEST_H
+#define CIFLOW_REQUEST_H
+
+#include "ciflow_json.h"
+
+#include "connection.h"
+
+/* Counters a caller can keep across many requests (a sync keeps one). */
+typedef struct CiflowCallStats
+{
+	int			calls;			/* transfers attempted */
+	int			retries;		/* transfers repeated after a failure */
+	int			last_status;	/* last HTTP status seen, 0 if none */
+} CiflowCallStats;
+
+typedef struct CiflowRequest
+{
+	const CiflowConnection *conn;
+	const char *method;			/* default GET */
+	const char *url;
+	const char *body;			/* POST body, form-encoded */
+	bool		api_call;		/* send the bearer token and subscription key */
+	const char *prefer;			/* Prefer header value, or NULL */
+	const char *failmsg;			/* primary message of any error (names
+								 * connection and entity) */
+	const char *detail_prefix;	/* e.g. "Token endpoint: ", or NULL */
+	const char *not_found_hint; /* HINT for a 404, or NULL */
+	CiflowCallStats *stats;		/* may be NULL */
+} CiflowRequest;
+
+typedef struct CiflowResponse
+{
+	long		status;
+	char	   *body;
+	size_t		len;
+} CiflowResponse;
+
+/* Returns a 2xx answer or raises an ERROR with SQLSTATE, DETAIL and HINT. */
+extern CiflowResponse CiflowRequestPerform(const CiflowRequest *req);
+
+/* Same, then parses the body as JSON (22032 when it is not JSON). */
+extern json_t *CiflowRequestJson(const CiflowRequest *req);
+
+/* Parses a complete body as JSON, raising 22032 under failmsg when it is not. */
+extern json_t *CiflowParseJson(const char *body, size_t len, const char *failmsg);
+
+#endif							/* CIFLOW_REQUEST_H */

@@ -1,0 +1,167 @@
+/* ciflow 0.1: catalog and SQL surface.  The C code in src/ owns the behaviour. */
+\echo Use "CREATE EXTENSION ciflow" to load this file. \quit
+
+/*
+ * Connections.  Non-secret settings and secrets live in separate tables so
+ * that no privilege on the settings ever reaches a secret; the view
+ * ciflow.connections shows only whether each secret is set.
+ */
+CREATE TABLE ciflow.connection_settings (
+    name            text PRIMARY KEY
+                    CHECK (name ~ '^[a-z_][a-z0-9_]*$' AND octet_length(name) < 64),
+    base_url        text NOT NULL,
+    instance_id     text,
+    flavor          text NOT NULL DEFAULT 'customer_insights'
+                    CHECK (flavor IN ('customer_insights', 'dataverse', 'odata')),
+    token_url       text,
+    client_id       text,
+    scope           text,
+    max_calls       integer NOT NULL DEFAULT 100 CHECK (max_calls > 0),
+    per_interval    interval NOT NULL DEFAULT '60 seconds' CHECK (per_interval > interval '0'),
+    page_size       integer NOT NULL DEFAULT 100 CHECK (page_size BETWEEN 1 AND 5000),
+    ca_file         text,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    updated_at      timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE ciflow.connection_secrets (
+    connection       text PRIMARY KEY
+                     REFERENCES ciflow.connection_settings (name) ON DELETE CASCADE,
+    client_secret    text,
+    subscription_key text,
+    bearer_token     text
+);
+
+CREATE VIEW ciflow.connections AS
+    SELECT c.name, c.base_url, c.instance_id, c.flavor, c.token_url, c.client_id,
+           c.scope, c.max_calls, c.per_interval, c.page_size, c.ca_file,
+           s.client_secret IS NOT NULL    AS has_client_secret,
+           s.subscription_key IS NOT NULL AS has_subscription_key,
+           s.bearer_token IS NOT NULL     AS has_bearer_token,
+           c.created_at, c.updated_at
+      FROM ciflow.connection_settings c
+      LEFT JOIN ciflow.connection_secrets s ON s.connection = c.name;
+
+SELECT pg_catalog.pg_extension_config_dump('ciflow.connection_settings', '');
+SELECT pg_catalog.pg_extension_config_dump('ciflow.connection_secrets', '');
+
+CREATE FUNCTION ciflow.create_connection(
+    name             text,
+    base_url         text,
+    instance_id      text     DEFAULT NULL,
+    flavor           text     DEFAULT 'customer_insights',
+    token_url        text     DEFAULT NULL,
+    client_id        text     DEFAULT NULL,
+    client_secret    text     DEFAULT NULL,
+    scope            text     DEFAULT NULL,
+    subscription_key text     DEFAULT NULL,
+    bearer_token     text     DEFAULT NULL,
+    max_calls        integer  DEFAULT 100,
+    per_interval     interval DEFAULT '60 seconds',
+    page_size        integer  DEFAULT 100,
+    ca_file          text     DEFAULT NULL)
+RETURNS void
+LANGUAGE C CALLED ON NULL INPUT VOLATILE
+AS 'MODULE_PATHNAME', 'create_connection';
+
+CREATE FUNCTION ciflow.alter_connection(
+    name             text,
+    base_url         text     DEFAULT NULL,
+    instance_id      text     DEFAULT NULL,
+    flavor           text     DEFAULT NULL,
+    token_url        text     DEFAULT NULL,
+    client_id        text     DEFAULT NULL,
+    client_secret    text     DEFAULT NULL,
+    scope            text     DEFAULT NULL,
+    subscription_key text     DEFAULT NULL,
+    bearer_token     text     DEFAULT NULL,
+    max_calls        integer  DEFAULT NULL,
+    per_interval     interval DEFAULT NULL,
+    page_size        integer  DEFAULT NULL,
+    ca_file          text     DEFAULT NULL)
+RETURNS void
+LANGUAGE C CALLED ON NULL INPUT VOLATILE
+AS 'MODULE_PATHNAME', 'alter_connection';
+
+CREATE FUNCTION ciflow.drop_connection(name text, if_exists boolean DEFAULT false)
+RETURNS void
+LANGUAGE C CALLED ON NULL INPUT VOLATILE
+AS 'MODULE_PATHNAME', 'drop_connection';
+
+/* Actions: one call to the service, answered in the calling session. */
+CREATE FUNCTION ciflow.get_entities(connection text)
+RETURNS TABLE (name text, qualified_name text, entity_type text, data_source text,
+               attributes jsonb, keys jsonb, refreshed_at timestamptz)
+LANGUAGE C STRICT VOLATILE
+AS 'MODULE_PATHNAME', 'get_entities';
+
+CREATE FUNCTION ciflow.get_items(
+    connection text,
+    entity     text,
+    filter     text    DEFAULT NULL,
+    fields     text    DEFAULT NULL,
+    orderby    text    DEFAULT NULL,
+    top        integer DEFAULT NULL,
+    skip       integer DEFAULT NULL,
+    search     text    DEFAULT NULL,
+    expand     text    DEFAULT NULL)
+RETURNS SETOF jsonb
+LANGUAGE C CALLED ON NULL INPUT VOLATILE
+AS 'MODULE_PATHNAME', 'get_items';
+
+CREATE FUNCTION ciflow.get_item(
+    connection text,
+    entity     text,
+    key_value  text,
+    key_name   text DEFAULT 'CustomerId')
+RETURNS jsonb
+LANGUAGE C CALLED ON NULL INPUT VOLATILE
+AS 'MODULE_PATHNAME', 'get_item';
+
+/* Sync runs: one row per ciflow.sync, written in short transactions of their own. */
+CREATE TABLE ciflow.sync_runs (
+    id            bigserial PRIMARY KEY,
+    connection    text NOT NULL,
+    entity        text NOT NULL,
+    target        text NOT NULL,
+    mode          text NOT NULL CHECK (mode IN ('full', 'incremental')),
+    status        text NOT NULL DEFAULT 'running'
+                  CHECK (status IN ('running', 'succeeded', 'failed')),
+    started_at    timestamptz NOT NULL DEFAULT clock_timestamp(),
+    finished_at   timestamptz,
+    pages         integer NOT NULL DEFAULT 0,
+    rows          bigint NOT NULL DEFAULT 0,
+    api_calls     integer NOT NULL DEFAULT 0,
+    retries       integer NOT NULL DEFAULT 0,
+    http_status   integer,
+    error         text,
+    rows_expected bigint,
+    run_by        name NOT NULL DEFAULT current_user,
+    pid           integer
+);
+CREATE INDEX sync_runs_running ON ciflow.sync_runs (target) WHERE status = 'running';
+
+CREATE VIEW ciflow.sync_progress AS
+    SELECT id AS run_id, connection, entity, target, pages, rows, rows_expected,
+           api_calls AS calls, started_at, clock_timestamp() - started_at AS elapsed
+      FROM ciflow.sync_runs
+     WHERE status = 'running';
+
+CREATE FUNCTION ciflow.sync(
+    connection text,
+    entity     text,
+    target     text DEFAULT NULL,
+    filter     text DEFAULT NULL,
+    fields     text DEFAULT NULL,
+    mode       text DEFAULT 'full')
+RETURNS ciflow.sync_runs
+LANGUAGE C CALLED ON NULL INPUT VOLATILE
+AS 'MODULE_PATHNAME', 'ciflow_sync';
+
+/*
+ * Nothing is executable or readable by PUBLIC: an administrator grants what
+ * each role needs.  Secrets are readable by superusers only, whatever is granted.
+ */
+REVOKE ALL ON ALL TABLES IN SCHEMA ciflow FROM PUBLIC;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA ciflow FROM PUBLIC;
+GRANT USAGE ON SCHEMA ciflow TO PUBLIC;

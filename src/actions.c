@@ -1,0 +1,221 @@
+/*-------------------------------------------------------------------------
+ *
+ * actions.c
+ *	  The actions: get_entities, get_items and get_item.  Each is exactly
+ *	  one call to the service, answered in the calling session and in its
+ *	  transaction; nothing is written.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "catalog/pg_type.h"
+#include "fmgr.h"
+#include "funcapi.h"
+#include "lib/stringinfo.h"
+#include "utils/builtins.h"
+#include "utils/jsonb.h"
+
+#include "connection.h"
+#include "convert.h"
+#include "odata.h"
+#include "request.h"
+
+PG_FUNCTION_INFO_V1(get_entities);
+PG_FUNCTION_INFO_V1(get_items);
+PG_FUNCTION_INFO_V1(get_item);
+
+static char *
+ArgText(FunctionCallInfo fcinfo, int n)
+{
+	return PG_ARGISNULL(n) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(n));
+}
+
+static void
+RequireArg(const char *value, const char *what)
+{
+	if (value == NULL || value[0] == '\0')
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("%s must not be null or empty", what)));
+}
+
+static json_t *
+CallService(const CiflowConnection *conn, const char *url, const char *failmsg,
+			const char *not_found_hint)
+{
+	CiflowRequest req;
+
+	memset(&req, 0, sizeof(req));
+	req.conn = conn;
+	req.url = url;
+	req.api_call = true;
+	req.failmsg = failmsg;
+	req.not_found_hint = not_found_hint;
+	return CiflowRequestJson(&req);
+}
+
+Datum
+get_entities(PG_FUNCTION_ARGS)
+{
+	char	   *name = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	CiflowConnection *conn = CiflowGetConnection(name);
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	char	   *failmsg = psprintf("could not list the entities of connection \"%s\"", name);
+	CiflowConverter ts_conv;
+	CiflowConverter jsonb_conv;
+	json_t	   *root;
+	json_t	   *entities;
+	json_t	   *entity;
+	size_t		i;
+
+	InitMaterializedSRF(fcinfo, 0);
+	CiflowConverterInit(&ts_conv, TIMESTAMPTZOID, -1, CurrentMemoryContext);
+	CiflowConverterInit(&jsonb_conv, JSONBOID, -1, CurrentMemoryContext);
+
+	root = CallService(conn, CiflowEntitiesUrl(conn, NULL), failmsg, NULL);
+	/* One object with an "entities" array; a bare array is accepted too. */
+	entities = json_is_array(root) ? root : json_object_get(root, "entities");
+	if (!json_is_array(entities))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_JSON_TEXT),
+				 errmsg("%s", failmsg),
+				 errdetail("The answer has no \"entities\" array.")));
+
+	json_array_foreach(entities, i, entity)
+	{
+		Datum		values[7];
+		bool		nulls[7];
+		const char *qualified = CiflowJsonString(entity, "qualifiedEntityName");
+		const char *short_name = CiflowJsonString(entity, "name");
+		const char *strings[4];
+		int			k;
+
+		if (qualified == NULL)
+			qualified = short_name;
+		strings[0] = short_name ? short_name : qualified;
+		strings[1] = qualified;
+		strings[2] = CiflowJsonString(entity, "entityType");
+		strings[3] = CiflowJsonString(entity, "dataSourceName");
+		for (k = 0; k < 4; k++)
+		{
+			nulls[k] = (strings[k] == NULL);
+			values[k] = nulls[k] ? (Datum) 0 : CStringGetTextDatum(strings[k]);
+		}
+		values[4] = CiflowConvert(&jsonb_conv, json_object_get(entity, "attributes"), &nulls[4]);
+		values[5] = CiflowConvert(&jsonb_conv, json_object_get(entity, "keys"), &nulls[5]);
+		values[6] = CiflowConvert(&ts_conv, json_object_get(entity, "refreshTime"), &nulls[6]);
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	}
+	return (Datum) 0;
+}
+
+/* Returns the rows of one page, exactly one call. */
+static json_t *
+FetchOnePage(const CiflowConnection *conn, const char *entity, const char *query,
+			 const char *failmsg)
+{
+	json_t	   *page = CallService(conn,
+								   CiflowUrlWithQuery(CiflowDataUrl(conn, entity), query),
+								   failmsg,
+								   "Check the entity's name with ciflow.get_entities().");
+
+	return CiflowPageRows(page, failmsg);
+}
+
+Datum
+get_items(PG_FUNCTION_ARGS)
+{
+	char	   *name = ArgText(fcinfo, 0);
+	char	   *entity = ArgText(fcinfo, 1);
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	static const char *const options[] = {NULL, NULL, "$filter", "$select", "$orderby",
+	"$top", "$skip", "$search", "$expand"};
+	CiflowConnection *conn;
+	StringInfoData query;
+	char	   *failmsg;
+	json_t	   *rows;
+	json_t	   *row;
+	size_t		i;
+	int			arg;
+
+	RequireArg(name, "connection");
+	RequireArg(entity, "entity");
+	conn = CiflowGetConnection(name);
+	failmsg = psprintf("could not read entity \"%s\" from connection \"%s\"", entity, name);
+
+	initStringInfo(&query);
+	for (arg = 2; arg < (int) lengthof(options); arg++)
+	{
+		char	   *value;
+
+		if (PG_ARGISNULL(arg))
+			continue;
+		if (strcmp(options[arg], "$top") == 0 || strcmp(options[arg], "$skip") == 0)
+		{
+			int32		n = PG_GETARG_INT32(arg);
+
+			if (n < 0)
+				ereport(ERROR,
+						(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+						 errmsg("%s must not be negative", options[arg] + 1)));
+			value = psprintf("%d", n);
+		}
+		else
+			value = text_to_cstring(PG_GETARG_TEXT_PP(arg));
+		CiflowAppendQuery(&query, options[arg], value);
+	}
+
+	InitMaterializedSRF(fcinfo, 0);
+	rows = FetchOnePage(conn, entity, query.data, failmsg);
+	json_array_foreach(rows, i, row)
+	{
+		Datum		value = JsonbPGetDatum(CiflowJsonToJsonb(row));
+		bool		isnull = false;
+
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, &value, &isnull);
+	}
+	return (Datum) 0;
+}
+
+Datum
+get_item(PG_FUNCTION_ARGS)
+{
+	char	   *name = ArgText(fcinfo, 0);
+	char	   *entity = ArgText(fcinfo, 1);
+	char	   *key_value = ArgText(fcinfo, 2);
+	char	   *key_name = PG_ARGISNULL(3) ? pstrdup("CustomerId") : ArgText(fcinfo, 3);
+	CiflowConnection *conn;
+	StringInfoData literal;
+	StringInfoData query;
+	json_t	   *rows;
+	const char *p;
+
+	RequireArg(name, "connection");
+	RequireArg(entity, "entity");
+	RequireArg(key_name, "key_name");
+	if (key_value == NULL)
+		PG_RETURN_NULL();
+	conn = CiflowGetConnection(name);
+
+	/* An OData string literal: quotes doubled. */
+	initStringInfo(&literal);
+	appendStringInfoChar(&literal, '\'');
+	for (p = key_value; *p; p++)
+	{
+		if (*p == '\'')
+			appendStringInfoChar(&literal, '\'');
+		appendStringInfoChar(&literal, *p);
+	}
+	appendStringInfoChar(&literal, '\'');
+
+	initStringInfo(&query);
+	CiflowAppendQuery(&query, "$filter", psprintf("%s eq %s", key_name, literal.data));
+	CiflowAppendQuery(&query, "$top", "1");
+	rows = FetchOnePage(conn, entity, query.data,
+						psprintf("could not read entity \"%s\" from connection \"%s\"",
+								 entity, name));
+	if (json_array_size(rows) == 0)
+		PG_RETURN_NULL();
+	PG_RETURN_JSONB_P(CiflowJsonToJsonb(json_array_get(rows, 0)));
+}

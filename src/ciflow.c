@@ -1,0 +1,139 @@
+/*-------------------------------------------------------------------------
+ *
+ * ciflow.c
+ *	  Module entry point: GUCs, libcurl's global setup, and small helpers
+ *	  every file shares.  It owns no behaviour of its own; anything about
+ *	  connections, requests or syncs belongs to the file named after it.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <curl/curl.h>
+
+#include "catalog/pg_authid.h"
+#include "fmgr.h"
+#include "miscadmin.h"
+#include "utils/guc.h"
+
+#include "ciflow.h"
+#include "convert.h"
+
+PG_MODULE_MAGIC;
+
+void		_PG_init(void);
+
+CiflowSettings ciflow_settings = {
+	.connect_timeout_ms = 10000,
+	.request_timeout_ms = 60000,
+	.max_response_kb = 65536,
+	.max_attempts = 5,
+	.retry_base_delay_ms = 1000,
+	.max_retry_after_s = 120,
+	.max_pages = 1000000,
+};
+
+void
+_PG_init(void)
+{
+	/*
+	 * curl_global_init is not thread-safe, but a backend is single-threaded
+	 * and loads us once.
+	 */
+	if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_INTERNAL_ERROR),
+				 errmsg("ciflow: could not initialize libcurl")));
+
+	DefineCustomIntVariable("ciflow.connect_timeout",
+							"Time allowed to connect to the service.",
+							NULL,
+							&ciflow_settings.connect_timeout_ms,
+							10000, 1, 600000,
+							PGC_USERSET, GUC_UNIT_MS,
+							NULL, NULL, NULL);
+	DefineCustomIntVariable("ciflow.request_timeout",
+							"Time allowed for one whole HTTP request.",
+							NULL,
+							&ciflow_settings.request_timeout_ms,
+							60000, 1, 3600000,
+							PGC_USERSET, GUC_UNIT_MS,
+							NULL, NULL, NULL);
+	DefineCustomIntVariable("ciflow.max_response_size",
+							"Largest response body accepted from the service.",
+							"One page must fit: a sync holds one page in memory at a time.",
+							&ciflow_settings.max_response_kb,
+							65536, 64, 1048576,
+							PGC_USERSET, GUC_UNIT_KB,
+							NULL, NULL, NULL);
+	DefineCustomIntVariable("ciflow.max_attempts",
+							"Attempts per request before a retryable failure becomes an error.",
+							"Applies to 429, 5xx and transport failures; other errors fail at once.",
+							&ciflow_settings.max_attempts,
+							5, 1, 100,
+							PGC_USERSET, 0,
+							NULL, NULL, NULL);
+	DefineCustomIntVariable("ciflow.retry_base_delay",
+							"First back-off delay; each retry doubles it (with 25% jitter).",
+							NULL,
+							&ciflow_settings.retry_base_delay_ms,
+							1000, 0, 600000,
+							PGC_USERSET, GUC_UNIT_MS,
+							NULL, NULL, NULL);
+	DefineCustomIntVariable("ciflow.max_retry_after",
+							"Longest Retry-After wait honoured for one retry.",
+							NULL,
+							&ciflow_settings.max_retry_after_s,
+							120, 0, 3600,
+							PGC_USERSET, GUC_UNIT_S,
+							NULL, NULL, NULL);
+	DefineCustomIntVariable("ciflow.max_pages",
+							"Most pages one sync reads before it fails (a paging-loop guard).",
+							NULL,
+							&ciflow_settings.max_pages,
+							1000000, 1, INT_MAX,
+							PGC_USERSET, 0,
+							NULL, NULL, NULL);
+
+	MarkGUCPrefixReserved("ciflow");
+
+	CiflowJsonUsepalloc();
+}
+
+/*
+ * ciflow's catalog tables are readable by nobody but superusers, yet any
+ * role granted EXECUTE on ciflow's functions must be able to use a
+ * connection.  The C code therefore switches to the bootstrap superuser
+ * around its own catalog SQL, the way RI triggers act as the table owner.
+ * SECURITY_LOCAL_USERID_CHANGE keeps SET ROLE and friends from seeing it.
+ */
+void
+CiflowBecomeOwner(CiflowSavedUser *saved)
+{
+	GetUserIdAndSecContext(&saved->userid, &saved->sec_context);
+	SetUserIdAndSecContext(BOOTSTRAP_SUPERUSERID,
+						   saved->sec_context | SECURITY_LOCAL_USERID_CHANGE);
+}
+
+void
+CiflowRestoreUser(const CiflowSavedUser *saved)
+{
+	SetUserIdAndSecContext(saved->userid, saved->sec_context);
+}
+
+bool
+CiflowIsSimpleName(const char *name)
+{
+	const char *p;
+
+	if (name == NULL || name[0] == '\0' || strlen(name) >= NAMEDATALEN)
+		return false;
+	if (!(name[0] == '_' || (name[0] >= 'a' && name[0] <= 'z')))
+		return false;
+	for (p = name; *p; p++)
+	{
+		if (!(*p == '_' || (*p >= 'a' && *p <= 'z') || (*p >= '0' && *p <= '9')))
+			return false;
+	}
+	return true;
+}

@@ -1,0 +1,297 @@
+/*-------------------------------------------------------------------------
+ *
+ * convert.c
+ *	  One JSON value to one Datum of a PostgreSQL type.  Common types get a
+ *	  direct path; everything else goes through the type's input function,
+ *	  so a value that does not fit raises the type's own error.
+ *
+ *	  Rules the service imposes: timestamps may carry 7 fractional digits
+ *	  (truncated to microseconds, never rounded), decimals may come as
+ *	  numbers or strings and are kept in their shortest round-trip form,
+ *	  and a NUL character is refused rather than silently cut.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "catalog/pg_type.h"
+#include "common/shortest_dec.h"
+#include "mb/pg_wchar.h"
+#include "miscadmin.h"
+#include "utils/builtins.h"
+#include "utils/jsonb.h"
+#include "utils/lsyscache.h"
+#include "utils/numeric.h"
+
+#include "convert.h"
+
+static void *
+JsonPalloc(size_t size)
+{
+	return MemoryContextAllocExtended(CurrentMemoryContext, size, MCXT_ALLOC_HUGE);
+}
+
+static void
+JsonPfree(void *ptr)
+{
+	if (ptr)
+		pfree(ptr);
+}
+
+/*
+ * With palloc underneath, a JSON document belongs to the memory context it
+ * was parsed in: an ERROR or a context reset frees it, never a leak.
+ */
+void
+CiflowJsonUsepalloc(void)
+{
+	json_set_alloc_funcs(JsonPalloc, JsonPfree);
+}
+
+void
+CiflowConverterInit(CiflowConverter *conv, Oid typid, int32 typmod,
+					MemoryContext cxt)
+{
+	Oid			infunc;
+
+	conv->typid = typid;
+	conv->typmod = typmod;
+	getTypeInputInfo(typid, &infunc, &conv->ioparam);
+	fmgr_info_cxt(infunc, &conv->input, cxt);
+}
+
+static void
+RefuseNul(const char *s, size_t len)
+{
+	if (memchr(s, '\0', len) != NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNTRANSLATABLE_CHARACTER),
+				 errmsg("string value contains a NUL character"),
+				 errdetail("PostgreSQL text cannot hold \\u0000.")));
+}
+
+/* A JSON string in the server encoding (jansson guarantees valid UTF-8). */
+static char *
+ServerString(json_t *value, size_t *len)
+{
+	const char *s = json_string_value(value);
+	size_t		n = json_string_length(value);
+	char	   *conv;
+
+	RefuseNul(s, n);
+	conv = pg_any_to_server(s, (int) n, PG_UTF8);
+	*len = (conv == s) ? n : strlen(conv);
+	return conv;
+}
+
+static char *
+RealText(double d)
+{
+	char	   *buf = palloc(DOUBLE_SHORTEST_DECIMAL_LEN);
+
+	double_to_shortest_decimal_buf(d, buf);
+	return buf;
+}
+
+/* The text a value would have as a scalar: what the input functions read. */
+static char *
+ScalarText(json_t *value)
+{
+	size_t		len;
+
+	switch (json_typeof(value))
+	{
+		case JSON_STRING:
+			return ServerString(value, &len);
+		case JSON_INTEGER:
+			return psprintf("%lld", (long long) json_integer_value(value));
+		case JSON_REAL:
+			return RealText(json_real_value(value));
+		case JSON_TRUE:
+			return pstrdup("true");
+		case JSON_FALSE:
+			return pstrdup("false");
+		default:
+			return JsonbToCString(NULL, &CiflowJsonToJsonb(value)->root, 0);
+	}
+}
+
+/*
+ * The service sends up to 7 fractional digits; PostgreSQL keeps 6 and would
+ * round the 7th, which can move a timestamp across a second.  Truncate.
+ */
+static char *
+TruncateFraction(char *s)
+{
+	char	   *dot = strchr(s, '.');
+	char	   *p;
+	int			digits = 0;
+
+	if (dot == NULL)
+		return s;
+	for (p = dot + 1; *p >= '0' && *p <= '9'; p++)
+		digits++;
+	if (digits > 6)
+		memmove(dot + 7, p, strlen(p) + 1);
+	return s;
+}
+
+Datum
+CiflowConvert(const CiflowConverter *conv, json_t *value, bool *isnull)
+{
+	char	   *text;
+
+	*isnull = (value == NULL || json_is_null(value));
+	if (*isnull)
+		return (Datum) 0;
+
+	switch (conv->typid)
+	{
+		case TEXTOID:
+			if (json_is_string(value))
+			{
+				size_t		len;
+				char	   *s = ServerString(value, &len);
+
+				return PointerGetDatum(cstring_to_text_with_len(s, (int) len));
+			}
+			return CStringGetTextDatum(ScalarText(value));
+		case INT4OID:
+			if (json_is_integer(value) &&
+				json_integer_value(value) >= PG_INT32_MIN &&
+				json_integer_value(value) <= PG_INT32_MAX)
+				return Int32GetDatum((int32) json_integer_value(value));
+			break;
+		case INT8OID:
+			if (json_is_integer(value))
+				return Int64GetDatum(json_integer_value(value));
+			break;
+		case FLOAT8OID:
+			if (json_is_number(value))
+				return Float8GetDatum(json_number_value(value));
+			break;
+		case BOOLOID:
+			if (json_is_boolean(value))
+				return BoolGetDatum(json_is_true(value));
+			break;
+		case NUMERICOID:
+			if (json_is_integer(value))
+				return NumericGetDatum(int64_to_numeric(json_integer_value(value)));
+			break;
+		case JSONBOID:
+			return JsonbPGetDatum(CiflowJsonToJsonb(value));
+		case TIMESTAMPTZOID:
+			if (json_is_string(value))
+				return InputFunctionCall((FmgrInfo *) &conv->input,
+										 TruncateFraction(ScalarText(value)),
+										 conv->ioparam, conv->typmod);
+			break;
+		default:
+			break;
+	}
+	text = ScalarText(value);
+	return InputFunctionCall((FmgrInfo *) &conv->input, text,
+							 conv->ioparam, conv->typmod);
+}
+
+static JsonbValue *
+PushScalar(JsonbParseState **state, JsonbIteratorToken tok, json_t *value)
+{
+	JsonbValue	v;
+
+	switch (json_typeof(value))
+	{
+		case JSON_STRING:
+			{
+				size_t		len;
+
+				v.type = jbvString;
+				v.val.string.val = ServerString(value, &len);
+				v.val.string.len = (int) len;
+				break;
+			}
+		case JSON_INTEGER:
+			v.type = jbvNumeric;
+			v.val.numeric = int64_to_numeric(json_integer_value(value));
+			break;
+		case JSON_REAL:
+			v.type = jbvNumeric;
+			v.val.numeric = DatumGetNumeric(DirectFunctionCall3(numeric_in,
+																CStringGetDatum(RealText(json_real_value(value))),
+																ObjectIdGetDatum(InvalidOid),
+																Int32GetDatum(-1)));
+			break;
+		case JSON_TRUE:
+		case JSON_FALSE:
+			v.type = jbvBool;
+			v.val.boolean = json_is_true(value);
+			break;
+		default:
+			v.type = jbvNull;
+			break;
+	}
+	return pushJsonbValue(state, tok, &v);
+}
+
+/* Returns what pushJsonbValue returns: the finished value at the outermost end. */
+static JsonbValue *
+PushValue(JsonbParseState **state, JsonbIteratorToken tok, json_t *value)
+{
+	check_stack_depth();
+
+	if (json_is_object(value))
+	{
+		const char *key;
+		json_t	   *member;
+
+		(void) pushJsonbValue(state, WJB_BEGIN_OBJECT, NULL);
+		json_object_foreach(value, key, member)
+		{
+			JsonbValue	k;
+			size_t		len = strlen(key);
+
+			RefuseNul(key, len);
+			k.type = jbvString;
+			k.val.string.val = pg_any_to_server(key, (int) len, PG_UTF8);
+			k.val.string.len = (int) strlen(k.val.string.val);
+			(void) pushJsonbValue(state, WJB_KEY, &k);
+			(void) PushValue(state, WJB_VALUE, member);
+		}
+		return pushJsonbValue(state, WJB_END_OBJECT, NULL);
+	}
+	if (json_is_array(value))
+	{
+		size_t		i;
+		json_t	   *elem;
+
+		(void) pushJsonbValue(state, WJB_BEGIN_ARRAY, NULL);
+		json_array_foreach(value, i, elem)
+			(void) PushValue(state, WJB_ELEM, elem);
+		return pushJsonbValue(state, WJB_END_ARRAY, NULL);
+	}
+	return PushScalar(state, tok, value);
+}
+
+/* Builds jsonb straight from the parsed document: no text round trip. */
+Jsonb *
+CiflowJsonToJsonb(json_t *value)
+{
+	JsonbParseState *state = NULL;
+	JsonbValue *result;
+
+	if (json_is_object(value) || json_is_array(value))
+		result = PushValue(&state, WJB_VALUE, value);
+	else
+	{
+		/* A scalar is stored as a one-element "raw scalar" array. */
+		JsonbValue	arr;
+
+		arr.type = jbvArray;
+		arr.val.array.rawScalar = true;
+		arr.val.array.nElems = 1;
+		(void) pushJsonbValue(&state, WJB_BEGIN_ARRAY, &arr);
+		(void) PushScalar(&state, WJB_ELEM, value);
+		result = pushJsonbValue(&state, WJB_END_ARRAY, NULL);
+	}
+	return JsonbValueToJsonb(result);
+}

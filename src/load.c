@@ -1,0 +1,177 @@
+/*-------------------------------------------------------------------------
+ *
+ * load.c
+ *	  Rows of one page into the staging heap: each JSON row becomes one
+ *	  tuple of the heap's own descriptor, values converted straight to
+ *	  Datums, inserted in batches with table_multi_insert the way COPY does.
+ *
+ *	  The loader lives for a whole run (across its transactions); the work
+ *	  of a page happens in a context reset for every page, so memory stays
+ *	  bounded by one page.  It writes only the heap it is given and knows
+ *	  nothing of how that heap is published.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/heapam.h"
+#include "access/tableam.h"
+#include "access/xact.h"
+#include "executor/tuptable.h"
+#include "utils/memutils.h"
+
+#include "convert.h"
+#include "load.h"
+
+#define LOAD_BATCH 1000
+
+struct CiflowLoader
+{
+	const CiflowShape *shape;
+	TupleDesc	desc;			/* the staging heap's, dropped columns included */
+	int		   *source;			/* per attribute: shape column, or -1 */
+	CiflowConverter *conv;		/* per attribute with a source */
+	TupleTableSlot *slots[LOAD_BATCH];
+	int			nslots;
+	MemoryContext cxt;
+	MemoryContext page_cxt;
+
+	/* where we are, for the error context */
+	int			page_no;
+	int			row_no;
+	int			attno;
+};
+
+CiflowLoader *
+CiflowLoaderCreate(const CiflowShape *shape, Relation staging, MemoryContext cxt)
+{
+	MemoryContext old = MemoryContextSwitchTo(cxt);
+	CiflowLoader *ld = palloc0(sizeof(CiflowLoader));
+	int			i;
+
+	ld->shape = shape;
+	ld->cxt = cxt;
+	ld->desc = CreateTupleDescCopy(RelationGetDescr(staging));
+	ld->source = palloc(sizeof(int) * ld->desc->natts);
+	ld->conv = palloc0(sizeof(CiflowConverter) * ld->desc->natts);
+	ld->page_cxt = AllocSetContextCreate(cxt, "ciflow load page",
+										 ALLOCSET_DEFAULT_SIZES);
+
+	/* Columns are matched by name; others (dropped or the user's own) stay NULL. */
+	for (i = 0; i < ld->desc->natts; i++)
+	{
+		Form_pg_attribute att = TupleDescAttr(ld->desc, i);
+		int			c;
+
+		ld->source[i] = -1;
+		if (att->attisdropped)
+			continue;
+		for (c = 0; c < shape->ncolumns; c++)
+		{
+			if (strcmp(NameStr(att->attname), shape->columns[c].name) == 0)
+			{
+				ld->source[i] = c;
+				CiflowConverterInit(&ld->conv[i], att->atttypid, att->atttypmod, cxt);
+				break;
+			}
+		}
+	}
+	MemoryContextSwitchTo(old);
+	return ld;
+}
+
+static void
+LoadErrorContext(void *arg)
+{
+	CiflowLoader *ld = (CiflowLoader *) arg;
+
+	if (ld->attno >= 0 && ld->source[ld->attno] >= 0)
+		errcontext("attribute \"%s\" (column %s) of row %d on page %d",
+				   ld->shape->columns[ld->source[ld->attno]].remote_name,
+				   ld->shape->columns[ld->source[ld->attno]].name,
+				   ld->row_no, ld->page_no);
+	else
+		errcontext("row %d on page %d", ld->row_no, ld->page_no);
+}
+
+static void
+FillSlot(CiflowLoader *ld, TupleTableSlot *slot, json_t *row)
+{
+	int			i;
+
+	ExecClearTuple(slot);
+	if (!json_is_object(row))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_JSON_TEXT),
+				 errmsg("a row of entity \"%s\" is not a JSON object", ld->shape->entity)));
+
+	for (i = 0; i < ld->desc->natts; i++)
+	{
+		Form_pg_attribute att = TupleDescAttr(ld->desc, i);
+		int			c = ld->source[i];
+
+		ld->attno = i;
+		if (c < 0)
+		{
+			slot->tts_values[i] = (Datum) 0;
+			slot->tts_isnull[i] = true;
+		}
+		else
+			slot->tts_values[i] = CiflowConvert(&ld->conv[i],
+												json_object_get(row, ld->shape->columns[c].remote_name),
+												&slot->tts_isnull[i]);
+		if (slot->tts_isnull[i] &&
+			(att->attnotnull || (c >= 0 && ld->shape->columns[c].is_key)))
+			ereport(ERROR,
+					(errcode(ERRCODE_NOT_NULL_VIOLATION),
+					 errmsg("null value in column \"%s\" of entity \"%s\"",
+							NameStr(att->attname), ld->shape->entity),
+					 errdetail("Key columns and NOT NULL columns need a value in every row.")));
+	}
+	ld->attno = -1;
+	ExecStoreVirtualTuple(slot);
+}
+
+int
+CiflowLoadPage(CiflowLoader *ld, Relation staging, json_t *rows, int page_no)
+{
+	ErrorContextCallback errcb;
+	BulkInsertState bistate;
+	MemoryContext old;
+	CommandId	cid = GetCurrentCommandId(true);
+	size_t		nrows = json_array_size(rows);
+	size_t		i;
+	int			batch = 0;
+
+	MemoryContextReset(ld->page_cxt);
+	old = MemoryContextSwitchTo(ld->cxt);
+	while ((size_t) ld->nslots < Min(nrows, (size_t) LOAD_BATCH))
+		ld->slots[ld->nslots++] = MakeSingleTupleTableSlot(ld->desc, &TTSOpsHeapTuple);
+	MemoryContextSwitchTo(ld->page_cxt);
+
+	ld->page_no = page_no;
+	ld->attno = -1;
+	errcb.callback = LoadErrorContext;
+	errcb.arg = ld;
+	errcb.previous = error_context_stack;
+	error_context_stack = &errcb;
+
+	bistate = GetBulkInsertState();
+	for (i = 0; i < nrows; i++)
+	{
+		ld->row_no = (int) i + 1;
+		FillSlot(ld, ld->slots[batch++], json_array_get(rows, i));
+		if (batch == LOAD_BATCH || i + 1 == nrows)
+		{
+			table_multi_insert(staging, ld->slots, batch, cid, 0, bistate);
+			batch = 0;
+		}
+	}
+	FreeBulkInsertState(bistate);
+
+	error_context_stack = errcb.previous;
+	for (i = 0; i < (size_t) ld->nslots; i++)
+		ExecClearTuple(ld->slots[i]);
+	MemoryContextSwitchTo(old);
+	return (int) nrows;
+}

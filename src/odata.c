@@ -1,0 +1,106 @@
+/*-------------------------------------------------------------------------
+ *
+ * odata.c
+ *	  Where things are and what answers look like: endpoint URLs for each
+ *	  flavour, query strings, and the parts of OData pages ciflow reads.
+ *
+ *	  Pure functions: no I/O, no catalog access.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "ciflow.h"
+#include "http.h"
+#include "odata.h"
+
+static void
+RequireInstance(const CiflowConnection *conn)
+{
+	if (conn->instance_id == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("connection \"%s\" has no instance_id", conn->name),
+				 errhint("Set it with ciflow.alter_connection('%s', instance_id => '...').",
+						 conn->name)));
+}
+
+/* An entity name is one percent-encoded path segment. */
+char *
+CiflowDataUrl(const CiflowConnection *conn, const char *entity)
+{
+	if (conn->flavor == CIFLOW_FLAVOR_CUSTOMER_INSIGHTS)
+	{
+		RequireInstance(conn);
+		return psprintf("%s/instances/%s/data/%s", conn->base_url,
+						CiflowUrlEncode(conn->instance_id), CiflowUrlEncode(entity));
+	}
+	return psprintf("%s/%s", conn->base_url, CiflowUrlEncode(entity));
+}
+
+char *
+CiflowEntitiesUrl(const CiflowConnection *conn, const char *entity)
+{
+	if (conn->flavor != CIFLOW_FLAVOR_CUSTOMER_INSIGHTS)
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("connection \"%s\" has no entity metadata", conn->name),
+				 errdetail("Entity metadata is read from Customer Insights; flavor \"%s\" has none ciflow can read yet.",
+						   conn->flavor == CIFLOW_FLAVOR_DATAVERSE ? "dataverse" : "odata")));
+	RequireInstance(conn);
+	if (entity == NULL)
+		return psprintf("%s/instances/%s/manage/entities", conn->base_url,
+						CiflowUrlEncode(conn->instance_id));
+	return psprintf("%s/instances/%s/manage/entities/%s", conn->base_url,
+					CiflowUrlEncode(conn->instance_id), CiflowUrlEncode(entity));
+}
+
+/* Option names go out literally ($top); values are percent-encoded. */
+void
+CiflowAppendQuery(StringInfo query, const char *name, const char *value)
+{
+	char	   *encoded = CiflowUrlEncode(value);
+
+	if (query->len > 0)
+		appendStringInfoChar(query, '&');
+	appendStringInfo(query, "%s=%s", name, encoded);
+	pfree(encoded);
+}
+
+char *
+CiflowUrlWithQuery(const char *url, const char *query)
+{
+	if (query == NULL || query[0] == '\0')
+		return pstrdup(url);
+	return psprintf("%s%c%s", url, strchr(url, '?') ? '&' : '?', query);
+}
+
+const char *
+CiflowPreferHeader(const CiflowConnection *conn, int page_size)
+{
+	/* Dataverse pages by preference, not by $top/$skip. */
+	if (conn->flavor == CIFLOW_FLAVOR_DATAVERSE)
+		return psprintf("odata.maxpagesize=%d", page_size);
+	return NULL;
+}
+
+json_t *
+CiflowPageRows(json_t *page, const char *failmsg)
+{
+	json_t	   *rows = json_is_object(page) ? json_object_get(page, "value") : NULL;
+
+	if (!json_is_array(rows))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_JSON_TEXT),
+				 errmsg("%s", failmsg),
+				 errdetail("The response has no \"value\" array.")));
+	return rows;
+}
+
+const char *
+CiflowJsonString(json_t *obj, const char *key)
+{
+	json_t	   *v = json_is_object(obj) ? json_object_get(obj, key) : NULL;
+
+	return json_is_string(v) ? json_string_value(v) : NULL;
+}

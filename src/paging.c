@@ -1,0 +1,231 @@
+/*-------------------------------------------------------------------------
+ *
+ * paging.c
+ *	  Reads an entity page by page.  Skip mode asks $top/$skip and advances
+ *	  by the rows received until an empty page, so a server that silently
+ *	  caps $top costs calls, never rows.  The first @odata.nextLink switches
+ *	  the pull to link mode: links are followed verbatim (relative ones
+ *	  resolved against the request that returned them) until a page has
+ *	  none.  Dataverse pages only by link.
+ *
+ *	  Guards: at most ciflow.max_pages pages, no link followed twice, no
+ *	  two identical non-empty pages in a row (a server ignoring $skip), and
+ *	  no link to another host.  One page is held at a time: the caller
+ *	  frees a page before it asks for the next.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "common/hashfn.h"
+#include "lib/stringinfo.h"
+#include "utils/hsearch.h"
+#include "utils/memutils.h"
+
+#include "ciflow.h"
+#include "http.h"
+#include "odata.h"
+#include "paging.h"
+
+struct CiflowPager
+{
+	const CiflowConnection *conn;
+	char	   *data_url;
+	char	   *query;			/* options other than paging */
+	const char *failmsg;
+	CiflowCallStats *stats;
+	MemoryContext page_cxt;		/* reset before every request */
+	bool		link_mode;
+	char	   *next_url;		/* in link mode; in the pager's context */
+	int64		skip;
+	int			pages;
+	bool		done;
+	int64		count;
+	uint64		prev_hash;
+	HTAB	   *seen_links;		/* 64-bit hashes of followed links */
+};
+
+CiflowPager *
+CiflowPagerBegin(const CiflowConnection *conn, const char *entity,
+				 const char *query, const char *failmsg, CiflowCallStats *stats)
+{
+	CiflowPager *p = palloc0(sizeof(CiflowPager));
+	HASHCTL		ctl;
+
+	p->conn = conn;
+	p->data_url = CiflowDataUrl(conn, entity);
+	p->query = pstrdup(query ? query : "");
+	p->failmsg = failmsg;
+	p->stats = stats;
+	p->count = -1;
+	p->page_cxt = AllocSetContextCreate(CurrentMemoryContext, "ciflow page",
+										ALLOCSET_DEFAULT_SIZES);
+	ctl.keysize = sizeof(uint64);
+	ctl.entrysize = sizeof(uint64);
+	ctl.hcxt = CurrentMemoryContext;
+	p->seen_links = hash_create("ciflow followed links", 64, &ctl,
+								HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+	/* Dataverse has no $skip: its first page already asks by preference. */
+	p->link_mode = (conn->flavor == CIFLOW_FLAVOR_DATAVERSE);
+	return p;
+}
+
+static char *
+PageUrl(CiflowPager *p)
+{
+	StringInfoData q;
+
+	if (p->next_url != NULL)
+		return p->next_url;
+	initStringInfo(&q);
+	appendStringInfoString(&q, p->query);
+	if (!p->link_mode)
+	{
+		char		num[32];
+
+		snprintf(num, sizeof(num), "%d", p->conn->page_size);
+		CiflowAppendQuery(&q, "$top", num);
+		snprintf(num, sizeof(num), INT64_FORMAT, p->skip);
+		CiflowAppendQuery(&q, "$skip", num);
+	}
+	return CiflowUrlWithQuery(p->data_url, q.data);
+}
+
+static void
+PagingError(CiflowPager *p, const char *detail)
+{
+	ereport(ERROR,
+			(errcode(ERRCODE_PROTOCOL_VIOLATION),
+			 errmsg("%s", p->failmsg),
+			 errdetail("%s", detail)));
+}
+
+/* Accepts the page's nextLink, if any, as the next URL. */
+static void
+TakeNextLink(CiflowPager *p, json_t *page, const char *request_url)
+{
+	const char *link = CiflowJsonString(page, "@odata.nextLink");
+	char	   *resolved;
+	char	   *origin = NULL;
+	uint64		h;
+	bool		found;
+	MemoryContext old;
+
+	if (link == NULL)
+	{
+		/* The end of a linked pull; in skip mode, only an empty page ends. */
+		if (p->link_mode)
+			p->done = true;
+		p->next_url = NULL;
+		return;
+	}
+
+	resolved = CiflowResolveUrl(request_url, link);
+	if (resolved == NULL || !CiflowParseUrl(resolved, &origin))
+		PagingError(p, psprintf("The server sent an unusable @odata.nextLink on page %d.",
+								p->pages));
+	if (strcmp(origin, p->conn->origin) != 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("%s", p->failmsg),
+				 errdetail("The @odata.nextLink of page %d points to %s, not to the connection's host %s; it is not followed.",
+						   p->pages, origin, p->conn->origin)));
+
+	h = hash_bytes_extended((const unsigned char *) resolved, strlen(resolved), 0);
+	(void) hash_search(p->seen_links, &h, HASH_ENTER, &found);
+	if (found)
+		PagingError(p, psprintf("The @odata.nextLink of page %d was already followed in this pull (a paging loop).",
+								p->pages));
+
+	old = MemoryContextSwitchTo(GetMemoryChunkContext(p));
+	if (p->next_url)
+		pfree(p->next_url);
+	p->next_url = pstrdup(resolved);
+	MemoryContextSwitchTo(old);
+	p->link_mode = true;
+}
+
+json_t *
+CiflowPagerNext(CiflowPager *p, json_t **rows)
+{
+	CiflowRequest req;
+	CiflowResponse resp;
+	MemoryContext old;
+	json_t	   *page;
+	json_t	   *count;
+	char	   *url;
+	size_t		nrows;
+	uint64		h;
+
+	if (p->done)
+		return NULL;
+	if (p->pages >= ciflow_settings.max_pages)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("%s", p->failmsg),
+				 errdetail("The pull reached ciflow.max_pages (%d pages).",
+						   ciflow_settings.max_pages),
+				 errhint("Raise ciflow.max_pages or the connection's page_size.")));
+
+	MemoryContextReset(p->page_cxt);
+	old = MemoryContextSwitchTo(p->page_cxt);
+
+	url = PageUrl(p);
+	memset(&req, 0, sizeof(req));
+	req.conn = p->conn;
+	req.url = url;
+	req.api_call = true;
+	req.prefer = CiflowPreferHeader(p->conn, p->conn->page_size);
+	req.failmsg = p->failmsg;
+	req.not_found_hint = "Check the entity's name with ciflow.get_entities().";
+	req.stats = p->stats;
+	resp = CiflowRequestPerform(&req);
+	p->pages++;
+	page = CiflowParseJson(resp.body, resp.len, p->failmsg);
+	*rows = CiflowPageRows(page, p->failmsg);
+	nrows = json_array_size(*rows);
+
+	count = json_object_get(page, "@odata.count");
+	if (json_is_integer(count))
+		p->count = json_integer_value(count);
+
+	/* A server that ignores $skip would otherwise be read forever. */
+	h = hash_bytes_extended((const unsigned char *) resp.body, resp.len, 0);
+	if (nrows > 0 && p->pages > 1 && h == p->prev_hash)
+		PagingError(p, psprintf("Pages %d and %d are identical; the server seems to ignore $skip.",
+								p->pages - 1, p->pages));
+	p->prev_hash = h;
+
+	TakeNextLink(p, page, url);
+	if (!p->link_mode)
+	{
+		p->skip += nrows;
+		if (nrows == 0)
+			p->done = true;
+	}
+	MemoryContextSwitchTo(old);
+	return page;
+}
+
+int
+CiflowPagerPages(const CiflowPager *p)
+{
+	return p->pages;
+}
+
+int64
+CiflowPagerCount(const CiflowPager *p)
+{
+	return p->count;
+}
+
+void
+CiflowPagerEnd(CiflowPager *p)
+{
+	MemoryContextDelete(p->page_cxt);
+	hash_destroy(p->seen_links);
+	if (p->next_url)
+		pfree(p->next_url);
+	pfree(p->query);
+	pfree(p);
+}

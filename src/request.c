@@ -1,0 +1,458 @@
+/*-------------------------------------------------------------------------
+ *
+ * request.c
+ *	  The one request path every call takes: credentials (only to the
+ *	  connection's own host), the transfer, the retry policy, and the
+ *	  mapping of failures to ERRORs with SQLSTATE, DETAIL and HINT.
+ *
+ *	  It decides what a status means; it does not know what the caller
+ *	  asked for (the caller passes the error message that says so), and it
+ *	  never parses pages or metadata.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <curl/curl.h>
+#include <time.h>
+
+#include "common/pg_prng.h"
+#include "mb/pg_wchar.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "storage/latch.h"
+#include "utils/timestamp.h"
+#include "utils/wait_event.h"
+
+#include "ciflow.h"
+#include "auth.h"
+#include "http.h"
+#include "request.h"
+
+#define SERVICE_MESSAGE_MAX 200
+
+static const char *
+MemberString(json_t *obj, const char *key)
+{
+	json_t	   *v = json_object_get(obj, key);
+
+	return json_is_string(v) ? json_string_value(v) : NULL;
+}
+
+/*
+ * The service's own words for an error: the first of error.message,
+ * message, error_description (Entra), error.code, errorCode, error, and
+ * else the first bytes of the body, made safe to print.
+ */
+static char *
+ServiceMessage(const char *body, size_t len)
+{
+	json_t	   *root;
+	const char *msg = NULL;
+	char	   *result = NULL;
+
+	if (len == 0)
+		return pstrdup("(empty body)");
+
+	root = json_loadb(body, len, 0, NULL);
+	if (root != NULL && json_is_object(root))
+	{
+		json_t	   *err = json_object_get(root, "error");
+
+		if (json_is_object(err))
+			msg = MemberString(err, "message");
+		if (msg == NULL)
+			msg = MemberString(root, "message");
+		if (msg == NULL)
+			msg = MemberString(root, "error_description");
+		if (msg == NULL && json_is_object(err))
+			msg = MemberString(err, "code");
+		if (msg == NULL)
+			msg = MemberString(root, "errorCode");
+		if (msg == NULL)
+			msg = MemberString(root, "error");
+		if (msg != NULL)
+			result = pnstrdup(msg, SERVICE_MESSAGE_MAX * 4);
+	}
+	if (root)
+		json_decref(root);
+
+	if (result == NULL)
+	{
+		size_t		n = Min(len, SERVICE_MESSAGE_MAX);
+		size_t		i;
+
+		result = pnstrdup(body, n);
+		for (i = 0; i < n; i++)
+		{
+			unsigned char c = (unsigned char) result[i];
+
+			/* HTML, binary or cut-off UTF-8 must not break the message. */
+			if (c < 0x20 || c >= 0x80)
+				result[i] = (c == '\n' || c == '\r' || c == '\t') ? ' ' : '?';
+		}
+		if (len > n)
+			result = psprintf("%s...", result);
+	}
+	return result;
+}
+
+/* A 401 from the API gateway (bad key) carries {"statusCode":401,...}. */
+static bool
+IsGatewayBody(const char *body, size_t len)
+{
+	json_t	   *root = json_loadb(body, len, 0, NULL);
+	bool		result;
+
+	result = root != NULL && json_is_object(root) &&
+		json_object_get(root, "statusCode") != NULL;
+	if (root)
+		json_decref(root);
+	return result;
+}
+
+static int
+StatusSqlstate(long status)
+{
+	switch (status)
+	{
+		case 400:
+			return ERRCODE_INVALID_PARAMETER_VALUE;
+		case 401:
+			return ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION;
+		case 403:
+			return ERRCODE_INSUFFICIENT_PRIVILEGE;
+		case 404:
+			return ERRCODE_UNDEFINED_OBJECT;
+		case 406:
+		case 409:
+			return ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE;
+		case 429:
+			return ERRCODE_CONFIGURATION_LIMIT_EXCEEDED;
+		default:
+			if (status >= 500)
+				return ERRCODE_CONNECTION_FAILURE;
+			if (status >= 400)
+				return ERRCODE_INVALID_PARAMETER_VALUE;
+			return ERRCODE_PROTOCOL_VIOLATION;
+	}
+}
+
+static const char *
+StatusHint(const CiflowRequest *req, long status, bool gateway)
+{
+	switch (status)
+	{
+		case 401:
+			if (gateway)
+				return "Check the connection's subscription_key.";
+			return "Check the connection's token_url, client_id, client_secret and scope, or its bearer_token.";
+		case 403:
+			return "The application needs the Customer Insights API permission and must be a user of the instance.";
+		case 404:
+			return req->not_found_hint;
+		case 429:
+			return "The service keeps rate limiting: lower the connection's max_calls or try again later.";
+		default:
+			if (status >= 500)
+				return "The service keeps failing; ciflow.max_attempts sets how often a call is tried.";
+			return NULL;
+	}
+}
+
+static void
+ReportStatus(const CiflowRequest *req, long status, const char *body,
+			 size_t len, int attempts, bool gateway)
+{
+	char	   *msg = ServiceMessage(body, len);
+	const char *hint = StatusHint(req, status, gateway);
+
+	ereport(ERROR,
+			(errcode(StatusSqlstate(status)),
+			 errmsg("%s", req->failmsg),
+			 attempts > 1 ?
+			 errdetail("%sHTTP status %ld after %d attempts: %s",
+					   req->detail_prefix ? req->detail_prefix : "",
+					   status, attempts, msg) :
+			 errdetail("%sHTTP status %ld: %s",
+					   req->detail_prefix ? req->detail_prefix : "",
+					   status, msg),
+			 hint ? errhint("%s", hint) : 0));
+}
+
+static void
+ReportTransport(const CiflowRequest *req, const CiflowTransfer *t, int attempts)
+{
+	const char *prefix = req->detail_prefix ? req->detail_prefix : "";
+
+	switch (t->error)
+	{
+		case CIFLOW_TRANSPORT_TOO_LARGE:
+			ereport(ERROR,
+					(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+					 errmsg("%s", req->failmsg),
+					 errdetail("%sThe response is larger than ciflow.max_response_size (%d kB).",
+							   prefix, ciflow_settings.max_response_kb),
+					 errhint("Lower the connection's page_size or raise ciflow.max_response_size.")));
+			break;
+		case CIFLOW_TRANSPORT_TLS:
+			ereport(ERROR,
+					(errcode(ERRCODE_CONNECTION_FAILURE),
+					 errmsg("%s", req->failmsg),
+					 errdetail("%sTLS failure: %s", prefix, t->error_text),
+					 errhint("The server's certificate must be signed by a CA in the system bundle or in the connection's ca_file.")));
+			break;
+		default:
+			ereport(ERROR,
+					(errcode(ERRCODE_CONNECTION_FAILURE),
+					 errmsg("%s", req->failmsg),
+					 errdetail("%s%s after %d attempt%s: %s", prefix,
+							   t->error == CIFLOW_TRANSPORT_TIMEOUT ?
+							   "Timed out" : "Transport failure",
+							   attempts, attempts == 1 ? "" : "s", t->error_text),
+					 errhint("Check that the service is reachable; ciflow.connect_timeout and ciflow.request_timeout bound each call.")));
+	}
+}
+
+/* Retry-After is whole seconds or an HTTP-date; -1 when absent or unreadable. */
+static int64
+RetryAfterMs(const char *value)
+{
+	char	   *end;
+	long		secs;
+
+	if (value == NULL)
+		return -1;
+	while (*value == ' ')
+		value++;
+	secs = strtol(value, &end, 10);
+	if (end != value && (*end == '\0' || *end == ' ' || *end == '\r'))
+		return (int64) Max(secs, 0) * 1000;
+	{
+		time_t		when = curl_getdate(value, NULL);
+
+		if (when == -1)
+			return -1;
+		return (int64) Max(when - time(NULL), 0) * 1000;
+	}
+}
+
+/* base * 2^(attempt-1), +-25% jitter, so that many clients do not align. */
+static int64
+BackoffMs(int attempt)
+{
+	double		delay = ciflow_settings.retry_base_delay_ms;
+	int			i;
+
+	for (i = 1; i < attempt && delay < 600000.0; i++)
+		delay *= 2;
+	delay = Min(delay, 600000.0);
+	return (int64) (delay * (0.75 + 0.5 * pg_prng_double(&pg_global_prng_state)));
+}
+
+/* Sleeps on the latch, so a cancel or a terminate ends the wait at once. */
+static void
+WaitMs(int64 ms)
+{
+	TimestampTz deadline = GetCurrentTimestamp() + ms * 1000;
+
+	for (;;)
+	{
+		long		left;
+
+		CHECK_FOR_INTERRUPTS();
+		left = (long) ((deadline - GetCurrentTimestamp()) / 1000);
+		if (left <= 0)
+			break;
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 left, PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+	}
+}
+
+static void
+AddHeader(CiflowTransfer *t, char *header)
+{
+	Assert(t->nheaders < CIFLOW_HTTP_MAX_HEADERS);
+	t->headers[t->nheaders++] = header;
+}
+
+/* Headers that carry secrets are wiped, not just freed. */
+static void
+FreeSecretHeader(char *header)
+{
+	if (header)
+	{
+		explicit_bzero(header, strlen(header));
+		pfree(header);
+	}
+}
+
+CiflowResponse
+CiflowRequestPerform(const CiflowRequest *req)
+{
+	const CiflowConnection *conn = req->conn;
+	CiflowResponse resp;
+	bool		force_new_token = false;
+	bool		token_renewed = false;
+	int			attempt = 0;
+
+	if (req->api_call)
+	{
+		char	   *origin = NULL;
+
+		if (!CiflowParseUrl(req->url, &origin) || strcmp(origin, conn->origin) != 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+					 errmsg("%s", req->failmsg),
+					 errdetail("Refusing to send the connection's credentials to %s, which is not the connection's host %s.",
+							   origin ? origin : "an invalid URL", conn->origin)));
+	}
+
+	for (;;)
+	{
+		CiflowTransfer t;
+		char	   *auth_header = NULL;
+		char	   *key_header = NULL;
+		int64		wait_ms;
+
+		CHECK_FOR_INTERRUPTS();
+		attempt++;
+
+		memset(&t, 0, sizeof(t));
+		t.method = req->method ? req->method : "GET";
+		t.url = req->url;
+		t.body = req->body;
+		t.ca_file = conn->ca_file;
+		if (req->api_call)
+		{
+			char	   *token = CiflowBearerToken(conn, force_new_token, req->failmsg);
+
+			force_new_token = false;
+			AddHeader(&t, "Accept: application/json;odata.metadata=minimal;IEEE754Compatible=true");
+			if (token != NULL)
+			{
+				auth_header = psprintf("Authorization: Bearer %s", token);
+				AddHeader(&t, auth_header);
+				FreeSecretHeader(token);
+			}
+			if (conn->subscription_key != NULL)
+			{
+				key_header = psprintf("Ocp-Apim-Subscription-Key: %s",
+									  conn->subscription_key);
+				AddHeader(&t, key_header);
+			}
+			if (conn->flavor == CIFLOW_FLAVOR_DATAVERSE)
+				AddHeader(&t, "OData-Version: 4.0");
+			if (req->prefer != NULL)
+				AddHeader(&t, psprintf("Prefer: %s", req->prefer));
+		}
+		else
+		{
+			AddHeader(&t, "Accept: application/json");
+			if (req->body != NULL)
+				AddHeader(&t, "Content-Type: application/x-www-form-urlencoded");
+		}
+
+		if (req->stats)
+			req->stats->calls++;
+		elog(DEBUG1, "ciflow: %s %s (attempt %d)", t.method,
+			 req->api_call ? req->url : "token endpoint", attempt);
+		CiflowHttpTransfer(&t);
+		FreeSecretHeader(auth_header);
+		FreeSecretHeader(key_header);
+
+		if (t.error != CIFLOW_TRANSPORT_OK)
+		{
+			/* Size and certificate problems do not go away by trying again. */
+			if (t.error == CIFLOW_TRANSPORT_TOO_LARGE ||
+				t.error == CIFLOW_TRANSPORT_TLS ||
+				attempt >= ciflow_settings.max_attempts)
+				ReportTransport(req, &t, attempt);
+			wait_ms = BackoffMs(attempt);
+		}
+		else
+		{
+			if (req->stats)
+				req->stats->last_status = (int) t.status;
+
+			if (t.status >= 200 && t.status < 300)
+			{
+				resp.status = t.status;
+				resp.body = t.body_out;
+				resp.len = t.body_len;
+				return resp;
+			}
+
+			if (t.status == 401 && req->api_call)
+			{
+				bool		gateway = IsGatewayBody(t.body_out, t.body_len);
+
+				/* A rejected token is renewed once; a rejected key is final. */
+				if (!gateway && !token_renewed && CiflowTokenRenewable(conn))
+				{
+					token_renewed = true;
+					force_new_token = true;
+					attempt--;
+					if (req->stats)
+						req->stats->retries++;
+					continue;
+				}
+				ReportStatus(req, t.status, t.body_out, t.body_len, attempt, gateway);
+			}
+
+			if (t.status == 429 || t.status == 503)
+			{
+				if (attempt >= ciflow_settings.max_attempts)
+					ReportStatus(req, t.status, t.body_out, t.body_len, attempt, false);
+				wait_ms = RetryAfterMs(t.retry_after);
+				if (wait_ms < 0)
+					wait_ms = BackoffMs(attempt);
+				wait_ms = Min(wait_ms, (int64) ciflow_settings.max_retry_after_s * 1000);
+			}
+			else if (t.status == 500 || t.status == 502 || t.status == 504)
+			{
+				if (attempt >= ciflow_settings.max_attempts)
+					ReportStatus(req, t.status, t.body_out, t.body_len, attempt, false);
+				wait_ms = BackoffMs(attempt);
+			}
+			else
+				ReportStatus(req, t.status, t.body_out, t.body_len, attempt, false);
+		}
+
+		if (req->stats)
+			req->stats->retries++;
+		if (t.body_out)
+			pfree(t.body_out);
+		elog(DEBUG1, "ciflow: retrying in %lld ms", (long long) wait_ms);
+		WaitMs(wait_ms);
+	}
+}
+
+json_t *
+CiflowParseJson(const char *body, size_t len, const char *failmsg)
+{
+	json_error_t jerr;
+	json_t	   *root;
+
+	/* NULs are allowed here and refused, with their own SQLSTATE, by the loader. */
+	root = json_loadb(body, len, JSON_ALLOW_NUL, &jerr);
+	if (root == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_JSON_TEXT),
+				 errmsg("%s", failmsg),
+				 errdetail("The response (%zu bytes) is not valid JSON: %s at line %d, column %d.",
+						   len, jerr.text, jerr.line, jerr.column),
+				 errhint("Check that base_url points at the service's API.")));
+	return root;
+}
+
+json_t *
+CiflowRequestJson(const CiflowRequest *req)
+{
+	CiflowResponse resp = CiflowRequestPerform(req);
+	json_t	   *root = CiflowParseJson(resp.body, resp.len, req->failmsg);
+
+	pfree(resp.body);
+	return root;
+}
