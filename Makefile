@@ -28,7 +28,7 @@ REGRESS = connections actions errors
 PG_CONFIG ?= pg_config
 
 # Server headers are system headers here, so -Wextra judges only ciflow's code.
-PG_CPPFLAGS = -I$(srcdir)/include -isystem $(shell $(PG_CONFIG) --includedir-server) $(shell curl-config --cflags)
+PG_CPPFLAGS = -I$(srcdir)/src -isystem $(shell $(PG_CONFIG) --includedir-server) $(shell curl-config --cflags)
 PG_CFLAGS = -Wall -Wextra
 SHLIB_LINK = $(shell curl-config --libs) -ljansson
 
