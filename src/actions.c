@@ -166,7 +166,7 @@ get_items(PG_FUNCTION_ARGS)
 		CiflowAppendQuery(&query, options[arg], value);
 	}
 
-	InitMaterializedSRF(fcinfo, 0);
+	InitMaterializedSRF(fcinfo, MAT_SRF_USE_EXPECTED_DESC);
 	rows = FetchOnePage(conn, entity, query.data, failmsg);
 	json_array_foreach(rows, i, row)
 	{

@@ -380,6 +380,7 @@ drop_connection(PG_FUNCTION_ARGS)
 	bool		if_exists = PG_ARGISNULL(1) ? false : PG_GETARG_BOOL(1);
 	CiflowSavedUser saved;
 	char	   *args[1];
+	uint64		deleted;
 
 	if (PG_ARGISNULL(0))
 		CheckConnectionName(NULL);
@@ -390,13 +391,14 @@ drop_connection(PG_FUNCTION_ARGS)
 	SPI_connect();
 	args[0] = name;
 	ExecWrite("DELETE FROM ciflow.connection_settings WHERE name = $1", 1, args);
-	if (SPI_processed == 0 && !if_exists)
+	deleted = SPI_processed;
+	SPI_finish();
+	CiflowRestoreUser(&saved);
+	if (deleted == 0 && !if_exists)
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
 				 errmsg("connection \"%s\" does not exist", name)));
-	SPI_finish();
-	CiflowRestoreUser(&saved);
-	if (SPI_processed == 0)
+	if (deleted == 0)
 		ereport(NOTICE,
 				(errmsg("connection \"%s\" does not exist, skipping", name)));
 	PG_RETURN_VOID();

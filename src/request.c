@@ -72,7 +72,12 @@ ServiceMessage(const char *body, size_t len)
 		if (msg == NULL)
 			msg = MemberString(root, "error");
 		if (msg != NULL)
-			result = pnstrdup(msg, SERVICE_MESSAGE_MAX * 4);
+		{
+			/* Entra appends trace ids and timestamps on further lines. */
+			result = pnstrdup(msg, strcspn(msg, "\r\n"));
+			if (strlen(result) > SERVICE_MESSAGE_MAX * 4)
+				result[pg_mbcliplen(result, strlen(result), SERVICE_MESSAGE_MAX * 4)] = '\0';
+		}
 	}
 	if (root)
 		json_decref(root);
