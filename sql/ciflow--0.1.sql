@@ -42,6 +42,14 @@ CREATE VIEW ciflow.connections AS
       FROM ciflow.connection_settings c
       LEFT JOIN ciflow.connection_secrets s ON s.connection = c.name;
 
+/*
+ * Row-level security without a policy: even a role that is GRANTed SELECT
+ * on this table sees no rows.  Superusers (and ciflow's C code, which reads
+ * as one) bypass it.
+ */
+ALTER TABLE ciflow.connection_secrets ENABLE ROW LEVEL SECURITY;
+ALTER TABLE ciflow.connection_secrets FORCE ROW LEVEL SECURITY;
+
 SELECT pg_catalog.pg_extension_config_dump('ciflow.connection_settings', '');
 SELECT pg_catalog.pg_extension_config_dump('ciflow.connection_secrets', '');
 

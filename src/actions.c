@@ -55,13 +55,42 @@ CallService(const CiflowConnection *conn, const char *url, const char *failmsg,
 	return CiflowRequestJson(&req);
 }
 
-Datum
-get_entities(PG_FUNCTION_ARGS)
+typedef Datum (*ActionBody) (FunctionCallInfo fcinfo, const char *failmsg);
+
+/* Runs an action so that every error it raises is under failmsg. */
+static Datum
+RunAction(FunctionCallInfo fcinfo, ActionBody body, const char *failmsg)
 {
-	char	   *name = text_to_cstring(PG_GETARG_TEXT_PP(0));
-	CiflowConnection *conn = CiflowGetConnection(name);
+	MemoryContext cxt = CurrentMemoryContext;
+	Datum		result = (Datum) 0;
+
+	PG_TRY();
+	{
+		result = body(fcinfo, failmsg);
+	}
+	PG_CATCH();
+	{
+		CiflowRethrowUnder(cxt, failmsg);
+	}
+	PG_END_TRY();
+	return result;
+}
+
+static char *
+ReadFailMessage(FunctionCallInfo fcinfo)
+{
+	char	   *name = ArgText(fcinfo, 0);
+	char	   *entity = ArgText(fcinfo, 1);
+
+	return psprintf("could not read entity \"%s\" from connection \"%s\"",
+					entity ? entity : "(null)", name ? name : "(null)");
+}
+
+static Datum
+GetEntitiesBody(FunctionCallInfo fcinfo, const char *failmsg)
+{
+	CiflowConnection *conn = CiflowGetConnection(ArgText(fcinfo, 0));
 	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
-	char	   *failmsg = psprintf("could not list the entities of connection \"%s\"", name);
 	CiflowConverter ts_conv;
 	CiflowConverter jsonb_conv;
 	json_t	   *root;
@@ -110,7 +139,15 @@ get_entities(PG_FUNCTION_ARGS)
 	return (Datum) 0;
 }
 
-/* Returns the rows of one page, exactly one call. */
+Datum
+get_entities(PG_FUNCTION_ARGS)
+{
+	return RunAction(fcinfo, GetEntitiesBody,
+					 psprintf("could not list the entities of connection \"%s\"",
+							  text_to_cstring(PG_GETARG_TEXT_PP(0))));
+}
+
+/* The rows of one page: exactly one call. */
 static json_t *
 FetchOnePage(const CiflowConnection *conn, const char *entity, const char *query,
 			 const char *failmsg)
@@ -123,8 +160,8 @@ FetchOnePage(const CiflowConnection *conn, const char *entity, const char *query
 	return CiflowPageRows(page, failmsg);
 }
 
-Datum
-get_items(PG_FUNCTION_ARGS)
+static Datum
+GetItemsBody(FunctionCallInfo fcinfo, const char *failmsg)
 {
 	char	   *name = ArgText(fcinfo, 0);
 	char	   *entity = ArgText(fcinfo, 1);
@@ -133,7 +170,6 @@ get_items(PG_FUNCTION_ARGS)
 	"$top", "$skip", "$search", "$expand"};
 	CiflowConnection *conn;
 	StringInfoData query;
-	char	   *failmsg;
 	json_t	   *rows;
 	json_t	   *row;
 	size_t		i;
@@ -142,7 +178,6 @@ get_items(PG_FUNCTION_ARGS)
 	RequireArg(name, "connection");
 	RequireArg(entity, "entity");
 	conn = CiflowGetConnection(name);
-	failmsg = psprintf("could not read entity \"%s\" from connection \"%s\"", entity, name);
 
 	initStringInfo(&query);
 	for (arg = 2; arg < (int) lengthof(options); arg++)
@@ -179,7 +214,13 @@ get_items(PG_FUNCTION_ARGS)
 }
 
 Datum
-get_item(PG_FUNCTION_ARGS)
+get_items(PG_FUNCTION_ARGS)
+{
+	return RunAction(fcinfo, GetItemsBody, ReadFailMessage(fcinfo));
+}
+
+static Datum
+GetItemBody(FunctionCallInfo fcinfo, const char *failmsg)
 {
 	char	   *name = ArgText(fcinfo, 0);
 	char	   *entity = ArgText(fcinfo, 1);
@@ -194,8 +235,6 @@ get_item(PG_FUNCTION_ARGS)
 	RequireArg(name, "connection");
 	RequireArg(entity, "entity");
 	RequireArg(key_name, "key_name");
-	if (key_value == NULL)
-		PG_RETURN_NULL();
 	conn = CiflowGetConnection(name);
 
 	/* An OData string literal: quotes doubled. */
@@ -212,10 +251,20 @@ get_item(PG_FUNCTION_ARGS)
 	initStringInfo(&query);
 	CiflowAppendQuery(&query, "$filter", psprintf("%s eq %s", key_name, literal.data));
 	CiflowAppendQuery(&query, "$top", "1");
-	rows = FetchOnePage(conn, entity, query.data,
-						psprintf("could not read entity \"%s\" from connection \"%s\"",
-								 entity, name));
+	rows = FetchOnePage(conn, entity, query.data, failmsg);
 	if (json_array_size(rows) == 0)
+	{
+		fcinfo->isnull = true;
+		return (Datum) 0;
+	}
+	return JsonbPGetDatum(CiflowJsonToJsonb(json_array_get(rows, 0)));
+}
+
+Datum
+get_item(PG_FUNCTION_ARGS)
+{
+	/* No key, no row, and no call. */
+	if (PG_ARGISNULL(2))
 		PG_RETURN_NULL();
-	PG_RETURN_JSONB_P(CiflowJsonToJsonb(json_array_get(rows, 0)));
+	return RunAction(fcinfo, GetItemBody, ReadFailMessage(fcinfo));
 }

@@ -63,7 +63,7 @@ _PG_init(void)
 							"Largest response body accepted from the service.",
 							"One page must fit: a sync holds one page in memory at a time.",
 							&ciflow_settings.max_response_kb,
-							65536, 64, 1048576,
+							65536, 1, 1048576,
 							PGC_USERSET, GUC_UNIT_KB,
 							NULL, NULL, NULL);
 	DefineCustomIntVariable("ciflow.max_attempts",

@@ -17,6 +17,7 @@
 #include <time.h>
 
 #include "common/pg_prng.h"
+#include "lib/stringinfo.h"
 #include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "pgstat.h"
@@ -360,7 +361,11 @@ CiflowRequestPerform(const CiflowRequest *req)
 		}
 
 		if (req->stats)
+		{
 			req->stats->calls++;
+			/* A transport failure has no status: never report an older one. */
+			req->stats->last_status = 0;
+		}
 		elog(DEBUG1, "ciflow: %s %s (attempt %d)", t.method,
 			 req->api_call ? req->url : "token endpoint", attempt);
 		CiflowHttpTransfer(&t);
@@ -434,6 +439,37 @@ CiflowRequestPerform(const CiflowRequest *req)
 	}
 }
 
+void
+CiflowReframeError(ErrorData *edata, const char *failmsg)
+{
+	StringInfoData detail;
+
+	if (edata->message != NULL && strcmp(edata->message, failmsg) == 0)
+		return;
+	initStringInfo(&detail);
+	appendStringInfoString(&detail, edata->message ? edata->message : "unknown error");
+	if (edata->detail)
+		appendStringInfo(&detail, "; %s", edata->detail);
+	if (edata->context)
+		appendStringInfo(&detail, "; %.*s", (int) strcspn(edata->context, "\n"),
+						 edata->context);
+	edata->message = pstrdup(failmsg);
+	edata->detail = detail.data;
+	edata->context = NULL;
+}
+
+void
+CiflowRethrowUnder(MemoryContext cxt, const char *failmsg)
+{
+	ErrorData  *edata;
+
+	MemoryContextSwitchTo(cxt);
+	edata = CopyErrorData();
+	FlushErrorState();
+	CiflowReframeError(edata, failmsg);
+	ReThrowError(edata);
+}
+
 json_t *
 CiflowParseJson(const char *body, size_t len, const char *failmsg)
 {
@@ -442,6 +478,13 @@ CiflowParseJson(const char *body, size_t len, const char *failmsg)
 
 	/* NULs are allowed here and refused, with their own SQLSTATE, by the loader. */
 	root = json_loadb(body, len, JSON_ALLOW_NUL, &jerr);
+	if (root == NULL && strstr(jerr.text, "too big integer") != NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
+				 errmsg("%s", failmsg),
+				 errdetail("A number in the response does not fit in 64 bits (line %d, column %d).",
+						   jerr.line, jerr.column),
+				 errhint("Larger numbers must come as strings, as IEEE754Compatible=true asks.")));
 	if (root == NULL)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_JSON_TEXT),

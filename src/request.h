@@ -50,6 +50,15 @@ extern CiflowResponse CiflowRequestPerform(const CiflowRequest *req);
 /* Same, then parses the body as JSON (22032 when it is not JSON). */
 extern json_t *CiflowRequestJson(const CiflowRequest *req);
 
+/*
+ * Errors raised below an action or a sync (a type's input function, an
+ * argument check) speak of a value, not of the call.  These put the call's
+ * message first and move the original message, detail and context into the
+ * DETAIL, keeping SQLSTATE and HINT.  CiflowRethrowUnder is for PG_CATCH.
+ */
+extern void CiflowReframeError(ErrorData *edata, const char *failmsg);
+extern void CiflowRethrowUnder(MemoryContext cxt, const char *failmsg) pg_attribute_noreturn();
+
 /* Parses a complete body as JSON, raising 22032 under failmsg when it is not. */
 extern json_t *CiflowParseJson(const char *body, size_t len, const char *failmsg);
 

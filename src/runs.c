@@ -126,6 +126,7 @@ CiflowRunInsert(CiflowRunState *run, const char *connection, const char *entity,
 	ExecRunPlan(PLAN_INSERT, values, NULL, &saved);
 	run->run_id = DatumGetInt64(Returned(1));
 	run->started_at = DatumGetTimestampTz(Returned(2));
+	run->pid = MyProcPid;
 	EndRunPlan(&saved);
 }
 

@@ -21,6 +21,7 @@ typedef struct CiflowRunState
 	CiflowCallStats stats;
 	TimestampTz started_at;
 	TimestampTz finished_at;
+	int			pid;			/* the process running it */
 } CiflowRunState;
 
 /* Each of these needs a transaction, and writes as the catalog's owner. */

@@ -181,8 +181,7 @@ CiflowSyncExecute(const CiflowSyncArgs *args, CiflowRunState *run)
 
 	MemoryContextSwitchTo(run_cxt);
 	target_name = CiflowTargetName(args->schema, args->table);
-	failmsg = psprintf("could not sync entity \"%s\" from connection \"%s\"",
-					  args->entity, args->connection);
+	failmsg = SyncFailMessage(args->connection, args->entity);
 	memset(run, 0, sizeof(*run));
 	run->rows_expected = -1;
 	/* Not a local: the error path reads what the run filled in. */
@@ -269,6 +268,8 @@ CiflowSyncExecute(const CiflowSyncArgs *args, CiflowRunState *run)
 		FlushErrorState();
 		AbortOutOfAnyTransaction();
 		MemoryContextSwitchTo(caller_cxt);
+
+		CiflowReframeError(edata, failmsg);
 
 		/* Recording the failure must not itself be cancelled. */
 		HOLD_CANCEL_INTERRUPTS();

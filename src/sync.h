@@ -22,6 +22,9 @@ typedef struct CiflowSyncArgs
 	const char *mode;
 } CiflowSyncArgs;
 
+/* The primary message of every error of a sync (syncworker.c). */
+extern char *SyncFailMessage(const char *connection, const char *entity);
+
 /*
  * Runs the sync.  Must be called outside a transaction.  On success fills
  * *run; on failure records the failed run and re-raises the error with the

@@ -165,6 +165,13 @@ ciflow_sync_worker_main(Datum main_arg)
 	proc_exit(0);
 }
 
+char *
+SyncFailMessage(const char *connection, const char *entity)
+{
+	return psprintf("could not sync entity \"%s\" from connection \"%s\"",
+					entity ? entity : "(null)", connection ? connection : "(null)");
+}
+
 static dsm_segment *
 CreateShared(const char *strings[NUM_SYNC_STRINGS])
 {
@@ -221,7 +228,7 @@ RunWorker(dsm_segment *seg, const char *connection, const char *entity)
 	if (!RegisterDynamicBackgroundWorker(&worker, &handle))
 		ereport(ERROR,
 				(errcode(ERRCODE_INSUFFICIENT_RESOURCES),
-				 errmsg("could not sync entity \"%s\" from connection \"%s\"", entity, connection),
+				 errmsg("%s", SyncFailMessage(connection, entity)),
 				 errdetail("No background worker slot is free for the sync."),
 				 errhint("Raise max_worker_processes, or run fewer syncs at once.")));
 
@@ -320,6 +327,8 @@ RunRow(FunctionCallInfo fcinfo, const SyncShared *sh, const char *target)
 			values[i] = Int32GetDatum(run->stats.last_status);
 		else if (strcmp(col, "rows_expected") == 0 && run->rows_expected >= 0)
 			values[i] = Int64GetDatum(run->rows_expected);
+		else if (strcmp(col, "pid") == 0)
+			values[i] = Int32GetDatum(run->pid);
 		else if (strcmp(col, "run_by") == 0)
 			values[i] = DirectFunctionCall1(namein,
 											CStringGetDatum(GetUserNameFromId(GetUserId(), false)));
@@ -345,30 +354,40 @@ ciflow_sync(PG_FUNCTION_ARGS)
 	SyncShared *sh;
 	Datum		result;
 
+	MemoryContext cxt = CurrentMemoryContext;
+
 	strings[STR_CONNECTION] = ArgText(fcinfo, 0);
 	strings[STR_ENTITY] = ArgText(fcinfo, 1);
 	strings[STR_FILTER] = ArgText(fcinfo, 3);
 	strings[STR_FIELDS] = ArgText(fcinfo, 4);
 	strings[STR_MODE] = PG_ARGISNULL(5) ? "full" : ArgText(fcinfo, 5);
 
-	if (strings[STR_ENTITY] == NULL || strings[STR_ENTITY][0] == '\0')
-		ereport(ERROR,
-				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-				 errmsg("entity must not be null or empty")));
-	if (strcmp(strings[STR_MODE], "full") != 0 &&
-		strcmp(strings[STR_MODE], "incremental") != 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("invalid sync mode \"%s\"", strings[STR_MODE]),
-				 errhint("Use 'full' or 'incremental'.")));
-
-	/* Unknown connections and bad targets fail here, before any worker. */
-	(void) CiflowGetConnection(strings[STR_CONNECTION]);
-	CiflowResolveTarget(strings[STR_CONNECTION], strings[STR_ENTITY],
-						ArgText(fcinfo, 2), &schema, &table);
+	/* Unknown connections and bad arguments fail here, before any worker. */
+	PG_TRY();
+	{
+		if (strings[STR_ENTITY] == NULL || strings[STR_ENTITY][0] == '\0')
+			ereport(ERROR,
+					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+					 errmsg("entity must not be null or empty")));
+		if (strcmp(strings[STR_MODE], "full") != 0 &&
+			strcmp(strings[STR_MODE], "incremental") != 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("invalid sync mode \"%s\"", strings[STR_MODE]),
+					 errhint("Use 'full' or 'incremental'.")));
+		(void) CiflowGetConnection(strings[STR_CONNECTION]);
+		CiflowResolveTarget(strings[STR_CONNECTION], strings[STR_ENTITY],
+							ArgText(fcinfo, 2), &schema, &table);
+		CheckCallerTransaction(schema, table);
+	}
+	PG_CATCH();
+	{
+		CiflowRethrowUnder(cxt, SyncFailMessage(strings[STR_CONNECTION],
+												strings[STR_ENTITY]));
+	}
+	PG_END_TRY();
 	strings[STR_SCHEMA] = schema;
 	strings[STR_TABLE] = table;
-	CheckCallerTransaction(schema, table);
 
 	seg = CreateShared(strings);
 	sh = dsm_segment_address(seg);
@@ -378,8 +397,7 @@ ciflow_sync(PG_FUNCTION_ARGS)
 	if (!sh->finished)
 		ereport(ERROR,
 				(errcode(ERRCODE_INTERNAL_ERROR),
-				 errmsg("could not sync entity \"%s\" from connection \"%s\"",
-						strings[STR_ENTITY], strings[STR_CONNECTION]),
+				 errmsg("%s", SyncFailMessage(strings[STR_CONNECTION], strings[STR_ENTITY])),
 				 errdetail("The sync worker ended before it finished."),
 				 errhint("See ciflow.sync_runs and the server log.")));
 	if (sh->failed)
