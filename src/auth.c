@@ -48,16 +48,6 @@ TokenIdentity(const CiflowConnection *conn)
 					conn->scope ? conn->scope : "");
 }
 
-static void
-WipeFree(char *s)
-{
-	if (s)
-	{
-		explicit_bzero(s, strlen(s));
-		pfree(s);
-	}
-}
-
 bool
 CiflowTokenRenewable(const CiflowConnection *conn)
 {
@@ -91,7 +81,7 @@ FetchToken(const CiflowConnection *conn, const char *failmsg, int *expires_in)
 	req.failmsg = failmsg;
 	req.detail_prefix = "Token endpoint: ";
 	root = CiflowRequestJson(&req);
-	WipeFree(form.data);
+	CiflowFreeSecret(form.data);
 
 	token = CiflowJsonString(root, "access_token");
 	if (token == NULL || token[0] == '\0')
@@ -142,14 +132,14 @@ CiflowBearerToken(const CiflowConnection *conn, bool force_new,
 		(force_new || GetCurrentTimestamp() >= entry->renew_at))
 	{
 		*prev = entry->next;
-		WipeFree(entry->identity);
-		WipeFree(entry->token);
+		CiflowFreeSecret(entry->identity);
+		CiflowFreeSecret(entry->token);
 		pfree(entry);
 		entry = NULL;
 	}
 	if (entry != NULL)
 	{
-		WipeFree(identity);
+		CiflowFreeSecret(identity);
 		return pstrdup(entry->token);
 	}
 
@@ -166,6 +156,6 @@ CiflowBearerToken(const CiflowConnection *conn, bool force_new,
 	entry->next = token_cache;
 	token_cache = entry;
 	MemoryContextSwitchTo(old);
-	WipeFree(identity);
+	CiflowFreeSecret(identity);
 	return token;
 }

@@ -121,6 +121,17 @@ CiflowRestoreUser(const CiflowSavedUser *saved)
 	SetUserIdAndSecContext(saved->userid, saved->sec_context);
 }
 
+/* Secrets are wiped, not just freed, so no copy lingers in freed memory. */
+void
+CiflowFreeSecret(char *s)
+{
+	if (s)
+	{
+		explicit_bzero(s, strlen(s));
+		pfree(s);
+	}
+}
+
 bool
 CiflowIsSimpleName(const char *name)
 {

@@ -38,6 +38,9 @@ typedef struct CiflowSavedUser
 extern void CiflowBecomeOwner(CiflowSavedUser *saved);
 extern void CiflowRestoreUser(const CiflowSavedUser *saved);
 
+/* Wipes a palloc'd string that held a secret, then frees it (NULL is fine). */
+extern void CiflowFreeSecret(char *s);
+
 /* Lower-case letters, digits and underscores, not starting with a digit. */
 extern bool CiflowIsSimpleName(const char *name);
 

@@ -283,17 +283,6 @@ AddHeader(CiflowTransfer *t, char *header)
 	t->headers[t->nheaders++] = header;
 }
 
-/* Headers that carry secrets are wiped, not just freed. */
-static void
-FreeSecretHeader(char *header)
-{
-	if (header)
-	{
-		explicit_bzero(header, strlen(header));
-		pfree(header);
-	}
-}
-
 CiflowResponse
 CiflowRequestPerform(const CiflowRequest *req)
 {
@@ -340,7 +329,7 @@ CiflowRequestPerform(const CiflowRequest *req)
 			{
 				auth_header = psprintf("Authorization: Bearer %s", token);
 				AddHeader(&t, auth_header);
-				FreeSecretHeader(token);
+				CiflowFreeSecret(token);
 			}
 			if (conn->subscription_key != NULL)
 			{
@@ -369,8 +358,8 @@ CiflowRequestPerform(const CiflowRequest *req)
 		elog(DEBUG1, "ciflow: %s %s (attempt %d)", t.method,
 			 req->api_call ? req->url : "token endpoint", attempt);
 		CiflowHttpTransfer(&t);
-		FreeSecretHeader(auth_header);
-		FreeSecretHeader(key_header);
+		CiflowFreeSecret(auth_header);
+		CiflowFreeSecret(key_header);
 
 		if (t.error != CIFLOW_TRANSPORT_OK)
 		{

@@ -972,8 +972,9 @@ class CompiledFilter:
             return [x[2] for x in ast[2]]
         return None
 
-    def _operand(self, node):
-        """-> (getter(row), family, edm type or None)."""
+    def _operand(self, node, other_type=None):
+        """-> (getter(row), family, edm type or None); `other_type` is the type of the attribute
+        on the other side of a comparison, if any."""
         if node[0] == "attr":
             name = node[1]
             dtype = self.entity.types.get(name)
@@ -984,6 +985,8 @@ class CompiledFilter:
             return (lambda row: conv(row.get(name))), _FAMILY_OF.get(dtype, "other"), dtype
         if node[0] == "lit":
             value = node[2]
+            if node[1] == "string" and other_type == "Edm.Guid":
+                value = value.lower()           # GUIDs compare case-insensitively
             return (lambda row: value), node[1], None
         raise odata_bad_request("IsMemberOfSegment cannot be compared; use it as a condition.")
 
@@ -1007,8 +1010,10 @@ class CompiledFilter:
             return lambda r: not a(r)
         if kind == "cmp":
             op = node[1]
-            lg, lf, lt = self._operand(node[2])
-            rg, rf, rt = self._operand(node[3])
+            ltype = self.entity.types.get(node[2][1]) if node[2][0] == "attr" else None
+            rtype = self.entity.types.get(node[3][1]) if node[3][0] == "attr" else None
+            lg, lf, lt = self._operand(node[2], rtype)
+            rg, rf, rt = self._operand(node[3], ltype)
             self._check_types(lf, lt, rf, rt, op)
             return self._comparison(op, lg, rg)
         if kind == "in":
@@ -1016,7 +1021,7 @@ class CompiledFilter:
             values = set()
             for lit in node[2]:
                 self._check_types(fam, dtype, lit[1], None, "In")
-                values.add(lit[2])
+                values.add(lit[2].lower() if dtype == "Edm.Guid" and lit[1] == "string" else lit[2])
             return lambda r: g(r) in values
         operand = node[1]                               # "bool"
         if operand[0] == "member":
@@ -2105,7 +2110,11 @@ class State:
     def record(self, entry):
         with self.lock:
             self.log.append(entry)
-            if self.log_file:
+        return entry
+
+    def write_log_file(self, entry):
+        if self.log_file:
+            with self.lock:
                 self.log_file.write(dumps(mark_decimals(entry)) + "\n")
                 self.log_file.flush()
 
@@ -2525,7 +2534,7 @@ class DataQuery:
         else:
             offset = _nonneg(p, "$skip") or 0
             top = _nonneg(p, "$top")
-            size = self.settings["default_page"] if top is None else min(top, self.settings["max_top"])
+            size = min(self.settings["default_page"] if top is None else top, self.settings["max_top"])
         total = len(self.idx)
         rows = self.page_rows(offset, size)
         body = {"@odata.context": self.context_url()}
@@ -3645,8 +3654,8 @@ class Handler(BaseHTTPRequestHandler):
                 if action.get("delay_ms"):
                     time.sleep(float(action["delay_ms"]) / 1000)
                 if action.get("reset"):
+                    self.finish_record(self.record(ctx, None, 0, None, t0), t0)
                     self.hard_reset()
-                    self.record(ctx, None, 0, None, t0)
                     return
                 reply = fault_reply(ctx, action, kind)
             if reply is None:
@@ -3654,8 +3663,16 @@ class Handler(BaseHTTPRequestHandler):
                 if action and action.get("malformed"):
                     reply = Reply(200, reply.body[:max(1, len(reply.body) // 2)] or b'{"value":[',
                                   "application/json; charset=utf-8", rows=reply.rows)
+        # The entry is logged before the reply goes out: a client that reads the log right
+        # after its response must find the request there.  Timing is completed afterwards.
+        size = len(reply.body)
+        if action and action.get("truncate_at") is not None:
+            size = min(size, int(action["truncate_at"]))
+        entry = self.record(ctx, reply.status, size, reply.rows, t0)
         sent = self.send_reply(reply, action, seq)
-        self.record(ctx, reply.status, sent, reply.rows, t0)
+        if sent != size:
+            entry["bytes"] = sent
+        self.finish_record(entry, t0)
 
     def run(self, ctx, handler, caps, kind):
         """Gateway checks in contract order (key -> rate limit -> bearer), then the handler."""
@@ -3678,13 +3695,17 @@ class Handler(BaseHTTPRequestHandler):
         params = dict(ctx.params)
         if "subscription-key" in params:
             params["subscription-key"] = "<redacted>"      # secrets never reach the log
-        self.server.state.record({
+        return self.server.state.record({
             "seq": ctx.seq, "time": fmt_ticks(self.server.state.clock.now()), "method": ctx.method,
             "path": ctx.path, "query": params, "route": ctx.route,
             "prefer": ctx.headers.get("Prefer"), "accept": ctx.headers.get("Accept"),
             "key": ctx.key, "token": ctx.token, "client": ctx.client, "status": status,
             "bytes": sent, "rows": rows, "fault": ctx.fault,
             "duration_ms": round((time.monotonic() - t0) * 1000, 1)})
+
+    def finish_record(self, entry, t0):
+        entry["duration_ms"] = round((time.monotonic() - t0) * 1000, 1)
+        self.server.state.write_log_file(entry)
 
     def hard_reset(self):
         """TCP RST: SO_LINGER with a zero timeout, then close the descriptor."""
@@ -3912,6 +3933,7 @@ REQUEST LOG  every API request (not control): seq (also the X-Emulator-Seq reply
   (last {cap}) and appended as NDJSON to --log-file.
 
 CHOICES WHERE THE CONTRACT IS SILENT
+  * max_top caps the default page too (a page never exceeds it).
   * $top is the page size in the customer_insights flavour (what skip-paging clients send);
     nextLinks keep the request's options verbatim minus $skip/$skiptoken and add
     $skiptoken=o=OFFSET;n=SIZE;q=QUERYHASH;m=HMAC, percent-encoded (so it holds %3D/%3B).  A

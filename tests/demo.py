@@ -3,7 +3,7 @@
 Starts the emulator with the sample instance (tests/scenarios/demo.json, or
 the emulator's identical built-in default instance when that file is
 missing), a throwaway PostgreSQL cluster (tests/harness.py), creates the
-extension, then runs tests/demo.sql through psql with echoed queries. The
+extension, then runs tests/demo.sql through psql, echoing its input. The
 connection's settings reach demo.sql as psql variables, so the echoed SQL
 shows `:'client_secret'` rather than a value. Both servers are torn down at
 the end, whatever happens.
@@ -41,7 +41,7 @@ def main():
                 "scope": ec.SCOPE,
                 "subscription_key": ec.SUB_KEY,
             }
-            args = ["--echo-queries", "--no-psqlrc", "-P", "pager=off"]
+            args = ["--echo-all", "--quiet", "-P", "pager=off"]
             for k, v in variables.items():
                 args += ["-v", f"{k}={v}"]
             args += ["-f", DEMO_SQL]

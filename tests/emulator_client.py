@@ -198,8 +198,12 @@ class Emulator:
 
         path_or_url is absolute or relative to root (e.g. "/v1/instances").  auth=True adds
         Ocp-Apim-Subscription-Key (customer_insights flavour) and a bearer token; a caller that
-        passes its own header of the same name wins.  body: bytes, str or a JSON-able object."""
+        passes its own header of the same name wins.  body: bytes, str or a JSON-able object.
+        Characters a URL cannot hold (spaces, '"', non-ASCII) are percent-encoded; existing
+        escapes are kept, so server links can be passed back verbatim."""
         url = path_or_url if "://" in path_or_url else self.root + path_or_url
+        # Spaces, double quotes and non-ASCII are escaped; existing %XX escapes stay as they are.
+        url = urllib.parse.quote(url, safe=":/?&=$,;'()*!@%+[]~#")
         hdrs = {}
         if auth:
             if not self.base_url.endswith("/api/data/v9.2"):

@@ -125,6 +125,11 @@ def _quote_conf(value):
     return "'" + str(value).replace("'", "''") + "'"
 
 
+def _quote_dsn(value):
+    """A libpq connection-string value: quoted, with \\ and ' escaped."""
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def _quote_ident(name):
     return '"' + name.replace('"', '""') + '"'
 
@@ -420,7 +425,7 @@ class PgCluster:
     def dsn_for(self, dbname="postgres", user="postgres", **extra):
         parts = {"host": self.host, "port": self.port, "dbname": dbname, "user": user}
         parts.update(extra)
-        return " ".join(f"{k}={v}" for k, v in parts.items())
+        return " ".join(f"{k}={_quote_dsn(v)}" for k, v in parts.items())
 
     @property
     def dsn(self):

@@ -77,7 +77,11 @@ def test_sync_failure_on_page_2_keeps_table(ciflow_db, emulator, synced, fault):
         assert f"HTTP status {status}" in err.detail
     run = run_row(ciflow_db, int(m.group(1)))
     assert run["status"] == "failed" and run["error"]
-    assert run["http_status"] == status
+    if status is not None:
+        assert run["http_status"] == status
+    else:
+        # The status line said 200; the body was broken or cut short.
+        assert run["http_status"] in (None, 200)
     assert table_md5(ciflow_db, "emu.customer") == synced
 
 

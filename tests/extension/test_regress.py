@@ -38,6 +38,9 @@ def pg_regress_binary():
     return os.path.join(pkglibdir, "pgxs", "src", "test", "regress", "pg_regress")
 
 
+DBNAME = "contrib_regression"
+
+
 @pytest.fixture(scope="module")
 def regress_cluster():
     cluster = PgCluster()
@@ -46,6 +49,16 @@ def regress_cluster():
         yield cluster
     finally:
         cluster.cleanup()
+
+
+def create_regress_database(cluster):
+    """What pg_regress does itself without --use-existing (which skips it)."""
+    cluster.drop_database(DBNAME)
+    cluster.sql(f"CREATE DATABASE {DBNAME} TEMPLATE template0")
+    for setting, value in (("lc_messages", "C"), ("lc_monetary", "C"), ("lc_numeric", "C"),
+                           ("lc_time", "C"), ("bytea_output", "hex"),
+                           ("timezone_abbreviations", "Default")):
+        cluster.sql(f"ALTER DATABASE {DBNAME} SET {setting} TO '{value}'")
 
 
 def test_pg_regress(regress_cluster, emulator):
@@ -57,11 +70,12 @@ def test_pg_regress(regress_cluster, emulator):
         if o.startswith("--inputdir="):
             inputdir = os.path.join(REPO, o.split("=", 1)[1])
             opts.remove(o)
+    create_regress_database(regress_cluster)
     with tempfile.TemporaryDirectory(prefix="ciflow-regress-") as outdir:
         argv = [pg_regress_binary(), "--use-existing",
                 "--host", regress_cluster.host, "--port", str(regress_cluster.port),
                 "--user", "postgres", "--inputdir", inputdir, "--outputdir", outdir,
-                "--dbname", "contrib_regression"] + opts + tests
+                "--dbname", DBNAME] + opts + tests
         env = dict(os.environ, CIFLOW_EMULATOR_URL=emulator.base_url,
                    CIFLOW_EMULATOR_TOKEN_URL=emulator.token_url,
                    PGHOST=regress_cluster.host, PGPORT=str(regress_cluster.port))
