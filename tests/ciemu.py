@@ -521,6 +521,7 @@ class GenPart:
 
 
 _versions = itertools.count(1)
+_change_numbers = itertools.count(1)
 
 
 class RowSet:
@@ -568,8 +569,29 @@ class RowSet:
             return enc.encode(o)
         part, j = self._locate(i)
         if isinstance(part, GenPart):
-            return part.gen.json(part.start + j)
+            if enc.takes_generated_json(part.gen):
+                return part.gen.json(part.start + j)
+            return enc.encode(part.row(j))
         return enc.encode(part.rows[j])
+
+    def rows_json(self, start, stop, enc):
+        """Rows start..stop-1 as JSON texts, part by part: the hot path of whole-row pages."""
+        out = []
+        for pstart, part in zip(self.starts, self.parts):
+            a, b = max(start, pstart), min(stop, pstart + len(part))
+            if a >= b:
+                continue
+            if isinstance(part, GenPart) and enc.takes_generated_json(part.gen):
+                js, off = part.gen.json, part.start - pstart
+                out.extend([js(i + off) for i in range(a, b)])
+            elif isinstance(part, GenPart):
+                out.extend([enc.encode(part.row(i - pstart)) for i in range(a, b)])
+            else:
+                out.extend([enc.encode(part.rows[i - pstart]) for i in range(a, b)])
+        for i, row in self.overrides.items():
+            if start <= i < stop:
+                out[i - max(0, start)] = enc.encode(row)
+        return out
 
     def index_of(self, attr, value):
         for start, part in zip(self.starts, self.parts):
@@ -606,6 +628,18 @@ class Entity:
         self.entity_set = entity_set or name.lower()
         self.rows = rows if rows is not None else RowSet()
         self.segment = segment                  # name of the segment whose members these are
+        self.change_tracking = True             # dataverse: odata.track-changes is honoured
+        self.reset_tracking()
+
+    # Change tracking (dataverse delta links): every row change after the floor is recorded
+    # as (change number, "upsert"|"delete", key).  A delta token older than the floor has
+    # expired: the client must pull everything again.
+    def reset_tracking(self):
+        self.changes = []
+        self.tracking_floor = next(_change_numbers)
+
+    def track(self, op, key):
+        self.changes.append((next(_change_numbers), op, key))
 
     @property
     def key_attr(self):
@@ -701,27 +735,27 @@ class RowEncoder:
                           if as_strings and t in ("Edm.Int64", "Edm.Decimal")}
         self.keys = {n: _json_str(n) + ":" for n in entity.types}
         self.fields = list(self.keys.items())
+        self.names = list(entity.types)
+
+    def takes_generated_json(self, gen):
+        """Whether gen.json() writes exactly what encode(gen.row()) would for this entity."""
+        return not self.stringify and self.names == gen.NAMES
 
     def encode(self, row, names=None, extra=()):
-        """`names` picks and orders attributes ($select); `extra` adds (name, JSON text) pairs."""
+        """The entity's attributes in order (a row's other keys are not served; a missing one is
+        null).  `names` picks and orders attributes ($select); `extra` adds (name, JSON) pairs."""
         by_type, other = _JSON_BY_TYPE, _json_other
-        if names is None and not self.stringify and len(row) == len(self.fields):
+        if names is None and not self.stringify:
             get = row.get
             parts = [k + by_type.get(type(v), other)(v) for n, k in self.fields for v in (get(n),)]
         else:
             keys, strs = self.keys, self.stringify
             parts = [(keys.get(n) or _json_str(n) + ":") + json_value(row.get(n), n in strs)
-                     for n in (row.keys() if names is None else names)]
+                     for n in (self.names if names is None else names)]
         if extra:
             parts.extend(_json_str(k) + ":" + v for k, v in extra)
         return "{" + ",".join(parts) + "}"
 
-    def ndjson_line(self, row):
-        return self.encode(row) + "\n"
-
-
-def ndjson_encoder(entity):
-    return RowEncoder(entity, False)
 
 
 def csv_field(v):
@@ -1215,8 +1249,8 @@ class Instance:
                 key = profile.key_attr
             self.add_entity(Entity(seg["name"], [{"name": key, "dataType": "Edm.String",
                                                   "searchProperties": None}], [[key]], "segment",
-                                   refresh_time=seg["evaluationStatus"].get("evaluationDate"),
-                                   segment=seg["name"]))
+                                   refresh_time=seg["evaluationStatus"].get("evaluationDate")
+                                   or self.state.clock.now(), segment=seg["name"]))
 
     # -- data sources, segments, measures ------------------------------------------------------
 
@@ -1266,9 +1300,7 @@ class Instance:
                 ev[k] = v
             elif k == "evaluationStatus" and isinstance(v, dict):
                 self.update_segment(name, v, clock)
-            elif k in ("filter", "members", "plannedCount", "profileEntity", "friendlyName"):
-                seg[k] = v
-            else:
+            else:                       # filter, members, plannedCount, profileEntity, friendlyName...
                 seg[k] = v
         self.seg_version += 1
         self.ensure_segment_entity(seg)
@@ -1285,7 +1317,8 @@ class Instance:
         for k, v in spec.items():
             if k == "values":
                 m["output"]["values"] = {str(a): str(b) for a, b in v.items()}
-                m["output"]["evaluationTime"] = clock.now()
+                if "evaluationTime" not in spec:        # new values are a new evaluation
+                    m["output"]["evaluationTime"] = clock.now()
             elif k == "evaluationTime":
                 m["output"]["evaluationTime"] = None if v is None else parse_ticks(v, clock)
             elif k == "state":
@@ -1668,8 +1701,11 @@ def build_entity(spec, clock, base_dir=None, existing=None):
                  spec.get("incrementalAttribute", existing.incremental if existing else None),
                  refresh, spec.get("entitySet", existing.entity_set if existing else None),
                  existing.rows if existing else None)
+    ent.change_tracking = bool(spec.get("changeTracking", existing.change_tracking if existing else True))
     if "rows" in spec or "ndjson" in spec or gen is not None:
         ent.rows = RowSet([p for p in [rows_part(ent, spec, base_dir)] if p is not None])
+    elif existing is not None:
+        ent.changes, ent.tracking_floor = existing.changes, existing.tracking_floor
     return ent
 
 
@@ -1707,7 +1743,7 @@ def load_instance(state, spec, base_dir=None):
     inst = Instance(state, spec.get("instanceId", INSTANCE_ID), spec.get("name", "Contoso"),
                     spec.get("instanceType", "production"))
     for e in spec.get("entities", []):
-        inst.add_entity(build_entity(e, clock, base_dir))
+        inst.add_entity(build_entity(dict({"refreshTime": None}, **e), clock, base_dir))
     for d in spec.get("datasources", []):
         d = dict(d)
         inst.update_datasource(d.get("dataSourceId") or d.get("name"), d, clock)
@@ -1727,7 +1763,35 @@ def load_instance(state, spec, base_dir=None):
         node["taskStatus"], node["endTimestamp"] = t["taskStatus"], end
         if t["taskStatus"] == "successful":
             node["lastSuccessfulTimestamp"] = end
+    derive_refresh_times(inst, clock)
     return inst
+
+
+def derive_refresh_times(inst, clock):
+    """An entity whose scenario gives no refreshTime gets the one its history implies: a source
+    entity its data source's last successful ingestion (else lastRefresh), a profile or unified
+    activity the last successful merge, a segment or measure output its last evaluation (another
+    measure entity the latest one); the load time if there is no history."""
+    def node_time(op, ident):
+        n = inst.nodes.get((op, ident))
+        return n["lastSuccessfulTimestamp"] if n else None
+    for ent in inst.entities.values():
+        if ent.refresh_time is not None:
+            continue
+        t = None
+        if ent.data_source:
+            ds = inst.datasource(ent.data_source)
+            t = node_time("ingestion", ds["name"] if ds else ent.data_source) or (ds or {}).get("lastRefresh")
+        elif ent.entity_type in ("profile", "unifiedActivity"):
+            t = node_time("merge", "Merge")
+        elif ent.name in inst.segments:
+            t = inst.segments[ent.name]["evaluationStatus"]["evaluationDate"]
+        elif ent.name in inst.measures:
+            t = inst.measures[ent.name]["output"]["evaluationTime"]
+        elif ent.entity_type == "measure":         # e.g. Customer_Measure: the latest evaluation
+            t = max((m["output"]["evaluationTime"] for m in inst.measures.values()
+                     if m["output"]["evaluationTime"] is not None), default=None)
+        ent.refresh_time = t if t is not None else clock.now()
 
 
 def load_job(inst, spec, clock):
@@ -2245,7 +2309,7 @@ def html_page(status, message=""):
 # --------------------------------------------------------------------------------------------
 
 _DATA_OPTIONS = {"$select", "$filter", "$orderby", "$top", "$skip", "$skiptoken", "$search",
-                 "$expand", "$count", "$format"}
+                 "$expand", "$count", "$format", "$deltatoken"}
 _ORDER_RE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)(?:\s+(asc|desc))?\s*$")
 
 
@@ -2494,6 +2558,8 @@ class DataQuery:
         as_strings = self.settings["numbers_as_strings"]
         enc = RowEncoder(self.ent, as_strings)
         if self.select is None and not self.expand and not as_strings:
+            if isinstance(sl, range):
+                return self.rowset.rows_json(sl.start, sl.stop, enc)
             return [self.rowset.row_json(i, enc) for i in sl]
         rows = self.rowset.rows(sl.start, sl.stop) if isinstance(sl, range) else (self.rowset.row(i) for i in sl)
         rels = [(rel, RowEncoder(rel, as_strings), self.inst.rows_of(rel)) for rel in self.expand]
@@ -2526,6 +2592,8 @@ class DataQuery:
                      [("OData-Version", "4.0")] + (headers or []), rows=len(rows))
 
     def ci_page(self):
+        if "$deltatoken" in self.params:
+            raise odata_bad_request("The query parameter '$deltatoken' is not supported.")
         self.evaluate()
         p = self.params
         token = p.get("$skiptoken")
@@ -2556,12 +2624,21 @@ class DataQuery:
         p = self.params
         if "$skip" in p:
             raise ApiError(400, "0x80060888", "The query parameter $skip is not supported.", "odata")
-        self.evaluate()
         prefer = self.ctx.headers.get("Prefer", "")
+        track = "odata.track-changes" in prefer and self.ent.change_tracking and self.ent.key_attr
+        if track or "$deltatoken" in p:
+            extra = [k for k in p if k.startswith("$") and k not in ("$select", "$skiptoken", "$deltatoken")]
+            if extra:
+                raise ApiError(400, "0x80040203", "Change tracking supports only $select (found %s)."
+                               % ", ".join(extra), "odata")
+        if "$deltatoken" in p:
+            return self.dv_delta(p["$deltatoken"])
+        self.evaluate()
         m = re.search(r"odata\.maxpagesize\s*=\s*(\d+)", prefer)
         limit = self.settings["dataverse_max_page"]
         size = min(int(m.group(1)), limit) if m and int(m.group(1)) > 0 else limit
-        headers = [("Preference-Applied", "odata.maxpagesize=%d" % size)] if m else []
+        applied = (["odata.maxpagesize=%d" % size] if m else []) + (["odata.track-changes"] if track else [])
+        headers = [("Preference-Applied", ", ".join(applied))] if applied else []
         top = _nonneg(p, "$top")
         total = len(self.idx)
         page = 1
@@ -2584,7 +2661,55 @@ class DataQuery:
             body["@odata.nextLink"] = "%s%s/%s?%s" % (self.ctx.root, DV_PREFIX,
                                                       urllib.parse.quote(self.ent.entity_set, safe=""),
                                                       "&".join(q))
+        elif track:
+            body["@odata.deltaLink"] = self.delta_link()
         return self.respond(body, rows, headers)
+
+    def delta_link(self):
+        """A link to the changes made from now on: $deltatoken = change number!time!MAC."""
+        cv = next(_change_numbers)
+        stamp = time.strftime("%m/%d/%Y %H:%M:%S", time.gmtime(self.state.clock.now() // TICKS))
+        payload = "%d!%s" % (cv, stamp)
+        token = "%s!%s" % (payload, _mac(payload + "!" + self.delta_hash()))
+        q = [x for x in kept_query(self.raw_query)
+             if urllib.parse.unquote_plus(x.split("=", 1)[0]) not in ("$deltatoken",)]
+        q.append("$deltatoken=" + urllib.parse.quote(token, safe=""))
+        return "%s%s/%s?%s" % (self.ctx.root, DV_PREFIX, urllib.parse.quote(self.ent.entity_set, safe=""),
+                               "&".join(q))
+
+    def delta_hash(self):
+        return hashlib.sha256(dumps([self.ent.name, self.params.get("$select")]).encode()).hexdigest()[:12]
+
+    def dv_delta(self, token):
+        """The rows changed since the token (current values) and the deleted keys, in change
+        order, then a new delta link.  All in one page."""
+        m = re.fullmatch(r"(\d+)!(\d\d/\d\d/\d{4} \d\d:\d\d:\d\d)!([0-9a-f]{16})", token)
+        if not m or not hmac.compare_digest(m.group(3), _mac("%s!%s!%s" % (m.group(1), m.group(2),
+                                                                             self.delta_hash()))):
+            raise ApiError(400, "0x80040203", "Invalid $deltatoken.", "odata")
+        since = int(m.group(1))
+        ent = self.ent
+        if since < ent.tracking_floor or not ent.key_attr:
+            raise ApiError(400, "0x80044352", "The $deltatoken has expired; retrieve all records again.", "odata")
+        self.select = parse_select(ent, self.params.get("$select"))
+        latest = collections.OrderedDict()
+        for cv, op, key in ent.changes:
+            if cv > since:
+                latest.pop(key, None)
+                latest[key] = op
+        rowset = ent.rows
+        enc = RowEncoder(ent, self.settings["numbers_as_strings"])
+        gone = "%s%s/$metadata#%s/$deletedEntity" % (self.ctx.root, DV_PREFIX, ent.entity_set)
+        out = []
+        for key, op in latest.items():
+            idx = rowset.index_of(ent.key_attr, key) if op == "upsert" else None
+            if idx is None:
+                out.append(dumps({"@odata.context": gone, "id": key, "reason": "deleted"}))
+            else:
+                out.append(enc.encode(rowset.row(idx), self.select))
+        body = {"@odata.context": "%s%s/$metadata#%s/$delta" % (self.ctx.root, DV_PREFIX, ent.entity_set),
+                "value": None, "@odata.deltaLink": self.delta_link()}
+        return self.respond(body, out, [("Preference-Applied", "odata.track-changes")])
 
 
 # --------------------------------------------------------------------------------------------
@@ -2755,6 +2880,7 @@ class Api:
                 if idx is not None:
                     raise ApiError(409, "Conflict", "A row with key '%s' already exists." % key, "odata")
                 ent.rows = rowset.appended(ListPart([{a: doc.get(a) for a in ent.types}]))
+            ent.track("upsert", key)
         status = self.state.settings["write_status"]
         loc = "%s%s/instances/%s/data/%s/%s" % (self.ctx.root, CI_PREFIX, inst.id,
                                                 urllib.parse.quote(ent.name, safe=""),
@@ -2780,6 +2906,7 @@ class Api:
                 raise odata_bad_request("The key '%s' cannot be changed." % ent.key_attr)
             row.update(doc)
             ent.rows = rowset.with_override(idx, row)
+            ent.track("upsert", row[ent.key_attr])
         return Reply(204, b"", None)
 
     # E6 ---------------------------------------------------------------------------------------
@@ -3393,7 +3520,7 @@ class Control:
         enc = RowEncoder(ent, False)
         if index is not None:
             try:
-                row = rowset.row(int(index))
+                rowset.row(int(index))          # validates the index
             except (ValueError, IndexError):
                 raise ApiError(404, "NotFound", "no row %s in %s (%d rows)" % (index, name, len(rowset))) from None
             return RawJson(rowset.row_json(int(index), enc))
@@ -3403,7 +3530,7 @@ class Control:
         except ValueError:
             raise BadRequest("offset and limit must be integers") from None
         def page():
-            rows = [rowset.row_json(i, enc) for i in range(max(0, offset), min(len(rowset), offset + max(0, limit)))]
+            rows = rowset.rows_json(max(0, offset), min(len(rowset), offset + max(0, limit)), enc)
             return RawJson('{"total":%d,"offset":%d,"rows":[%s]}' % (len(rowset), offset, ",".join(rows)))
         return page
 
@@ -3426,24 +3553,59 @@ class Control:
         if existing.segment is not None:
             raise BadRequest("%s is a segment's output; change the segment instead" % name)
         mode = doc.get("mode", "append")
-        if mode not in ("append", "replace"):
-            raise BadRequest("mode must be append or replace")
+        if mode not in ("append", "replace", "upsert"):
+            raise BadRequest("mode must be append, replace or upsert")
         part = rows_part(existing, doc)
         if part is None:
             raise BadRequest("give rows or generate")
-        existing.rows = RowSet([part]) if mode == "replace" else existing.rows.appended(part)
+        key = existing.key_attr
+        if mode == "replace":
+            existing.rows = RowSet([part])
+            existing.reset_tracking()
+        elif mode == "upsert":
+            if key is None or not isinstance(part, ListPart):
+                raise BadRequest("upsert needs literal rows and an entity with a one-attribute key")
+            for row in part.rows:
+                idx = existing.rows.index_of(key, row[key])
+                existing.rows = (existing.rows.appended(ListPart([row])) if idx is None
+                                 else existing.rows.with_override(idx, row))
+                existing.track("upsert", row[key])
+        else:
+            existing.rows = existing.rows.appended(part)
+            if key is None or len(part) > 100000:
+                existing.reset_tracking()        # too many to list: delta tokens expire instead
+            else:
+                for j in range(len(part)):
+                    existing.track("upsert", part.row(j).get(key))
         refresh = doc.get("refreshTime", "now")
         if refresh != "keep":
             existing.refresh_time = None if refresh is None else parse_ticks(refresh, clock)
         inst.seg_version += 1
         return {"name": name, "rowCount": len(existing.rows), "refreshTime": fmt_ticks(existing.refresh_time)}
 
-    def c_delete_entities(self, name):
+    def c_delete_entities(self, name, what=None, key=None):
+        """DELETE entities/{name}, or entities/{name}/rows/{key}: one row by its primary key
+        (the remaining rows become literal rows: a generated entity is materialised)."""
         inst = self.inst()
-        inst.entity(name)
-        del inst.entities[name]
+        ent = inst.entity(name)
+        if what is None:
+            del inst.entities[name]
+            inst.seg_version += 1
+            return {"deleted": name}
+        if what != "rows" or key is None or ent.key_attr is None or ent.segment is not None:
+            raise ApiError(404, "NotFound", "use DELETE entities/{name}/rows/{key} on an entity with a key")
+        idx = ent.rows.index_of(ent.key_attr, key)
+        if idx is None and ent.types[ent.key_attr] in INT_TYPES and re.fullmatch(r"-?\d+", key):
+            key = int(key)
+            idx = ent.rows.index_of(ent.key_attr, key)
+        if idx is None:
+            raise ApiError(404, "NotFound", "no row with key %r in %s" % (key, name))
+        rows = list(ent.rows.rows(0, len(ent.rows)))
+        del rows[idx]
+        ent.rows = RowSet([ListPart(rows)])
+        ent.track("delete", key)
         inst.seg_version += 1
-        return {"deleted": name}
+        return {"name": name, "rowCount": len(ent.rows)}
 
     # data sources, jobs, segments, measures ---------------------------------------------------------
 
@@ -3517,7 +3679,7 @@ def entity_stats(state, ent, rowset):
         dates = [a for a in names if types[a] in ("Edm.Date", "Edm.DateTimeOffset")]
         lo, hi = {a: None for a in dates}, {a: None for a in dates}
         conv = {a: _comparable(types[a]) for a in dates}
-        enc = ndjson_encoder(ent)
+        enc = RowEncoder(ent, False)
         h = hashlib.sha256()
         n = 0
         for i, r in enumerate(rowset.rows(0, len(rowset))):
@@ -3848,6 +4010,39 @@ DEFAULT INSTANCE (no --scenario)
   Jobs: a scheduled full refresh (all tasks successful) and a failed on-demand WebEvents
   ingestion.  All timestamps of the instance are fixed (2025-03-01).
 
+SCENARIO FORMAT (--scenario FILE, POST /_control/load; scenarios/demo.json is a full example)
+  {"settings": {option: value},                       defaults < scenario < command line
+   "auth": {"tenant", "clients": {id: secret} or [{"client_id","client_secret"}], "scope",
+            "subscription_keys": {key: name} or [primary, secondary, ...]},
+   "instances": [{"instanceId", "name", "instanceType",
+     "entities": [{"name", "entityType", "dataSourceName", "attributes", "keys",
+                   "incrementalAttribute", "refreshTime", "entitySet", "changeTracking",
+                   "rows": [...] | "ndjson": "file relative to the scenario" |
+                   "generate": {"schema": "customer", "rows": N, "seed": S, "start": 0}}],
+     "datasources": [{"dataSourceId", "name", "friendlyName", "kind", "isActive",
+                      "refreshState", "lastRefresh"}],
+     "segments": [{"name", "state", "filter" ($filter text on the profile) | "members": [keys],
+                   "plannedCount", "profileEntity": "Customer", "evaluationStatus": {...}}],
+     "measures": [{"name", "definition", "latestEvaluation", "output", "plannedValues"}],
+     "jobs": [{"jobId", "jobType", "jobSubmissionKind", "jobStatus", "operationType",
+               "submittedTimestamp", "endTimestamp", "tasks": [{"operationType",
+               "identifier", "taskStatus", "endTimestamp", "ciErrors"}]}]}]}
+  Without "instances" the whole file is one instance.  Decimal values keep their digits.
+  An entity's default type is profile for a generated one, else activity; a generated entity
+  takes the schema's attributes and key unless given.  Every segment gets an output entity of
+  the same name (its members' keys).  Status nodes (.../status) are replayed from past tasks.
+
+GENERATOR (C.8)  row i = f(seed, i): base = mix64(seed ^ 0x6369656D75); h1 = mix64(base +
+  (i+1)*GAMMA); then eight splitmix64 steps from state h1 give every field.  CustomerId is
+  hex(h1)+hex(first step), so a key maps back to its row index (mix64 is invertible): key
+  lookups on a generated entity of any size are O(1); pages are generated on demand.
+  customer schema: CustomerId (32 hex), FirstName, LastName, FullName, Email (~5 % null), City,
+  Country, PostalCode (5 digits, leading zeros), BirthDate Edm.Date (~3 % null), CreatedOn and
+  LastPurchaseOn (~10 % null) Edm.DateTimeOffset, LoyaltyPoints Int32, PurchaseCount Int64
+  (~2 % above 2^53), LifetimeValue Decimal (2 dp), ChurnScore Double (4 dp, [0,1)), IsActive
+  (~80 % true), ExternalRef Guid (v4 form), Notes (~1 % with commas, quotes, newlines, CRLF,
+  tabs, backslashes, non-ASCII, emoji; ~29 % null).  Names include non-ASCII letters.
+
 ROUTES (customer_insights flavour, all under /v1; checks in order: route -> fault rules ->
 subscription key -> rate limit -> bearer -> handler)
   GET  /instances                                  E1
@@ -3881,10 +4076,11 @@ CONTROL API (JSON under /_control/, no credentials, no faults, no rate limit, no
   GET  entities                   names and row counts
   POST entities/{name} {metadata [, "rows": [...] | "generate": {...}]}  create or update:
        attributes ([{"name","dataType"}] or [["Name","Edm.Int32"]]), keys ([["A"]]), entityType,
-       dataSourceName, incrementalAttribute, refreshTime, entitySet; omitted fields keep their
-       value for an existing entity.  DELETE entities/{name}
-  POST entities/{name}/rows {"mode":"append"|"replace", "rows":[...] | "generate":{...},
-       "refreshTime":"now"(default)|"keep"|timestamp}
+       dataSourceName, incrementalAttribute, refreshTime, entitySet, changeTracking; omitted
+       fields keep their value for an existing entity.  DELETE entities/{name}
+  POST entities/{name}/rows {"mode":"append"|"replace"|"upsert", "rows":[...] | "generate":{...},
+       "refreshTime":"now"(default)|"keep"|timestamp}   (upsert: by primary key, literal rows)
+  DELETE entities/{name}/rows/{key}   delete one row (a generated entity becomes literal rows)
   GET  entities/{name}/rows?offset=0&limit=1000 -> {"total","offset","rows"} in served order
   GET  entities/{name}/rows/{index}    one row
   GET  entities/{name}/stats -> {"row_count", "null_counts", "sums" (integer and decimal columns,
@@ -3922,7 +4118,8 @@ FAULT RULES (C.6)  {"match": {"method", "path" (regex, searched in the decoded p
     wrong_type: 200 text/html sign-in page.   reset: TCP RST (SO_LINGER 0) instead of a reply.
 
 RATE LIMIT  rate N/W: sliding window of W seconds per subscription key (dataverse: per client)
-  over calls that passed the limiter (only accepted calls count); the excess gets 429, a gateway
+  over calls that passed the limiter (only accepted calls count: a 429 does not, a call the
+  bearer check rejects afterwards does, as it reached the backend); the excess gets 429, a gateway
   body "Rate limit is exceeded. Try again in S seconds." and Retry-After: S, S = whole seconds
   (>= 1) until the oldest accepted call leaves the window.  Uses the emulator clock.
 
@@ -3933,7 +4130,12 @@ REQUEST LOG  every API request (not control): seq (also the X-Emulator-Seq reply
   (last {cap}) and appended as NDJSON to --log-file.
 
 CHOICES WHERE THE CONTRACT IS SILENT
+  * The clock starts at real time; manual mode freezes the current time; switching keeps the
+    time continuous.  reset returns to the startup clock mode, offset 0.
   * max_top caps the default page too (a page never exceeds it).
+  * absolute nextLinks (and @odata.context, partition URLs) use the scheme and the request's
+    Host header, as a server behind a name would; relative links are "Entity?...", rooted
+    ones "/v1/instances/...".
   * $top is the page size in the customer_insights flavour (what skip-paging clients send);
     nextLinks keep the request's options verbatim minus $skip/$skiptoken and add
     $skiptoken=o=OFFSET;n=SIZE;q=QUERYHASH;m=HMAC, percent-encoded (so it holds %3D/%3B).  A
@@ -3957,10 +4159,20 @@ CHOICES WHERE THE CONTRACT IS SILENT
     opaque.  A missing bearer gets the same 401 as an invalid one.
   * Dataverse: token scope is <root>/.default (127.0.0.1 or localhost); no subscription key;
     errors are wrapped; $search is 400; $top returns one page of min($top, 5000) rows.
-    odata.track-changes is not implemented (optional in the contract).
+  * Dataverse change tracking: with Prefer: odata.track-changes (only $select allowed, else
+    400) the last page carries @odata.deltaLink (...&$deltatoken=N!MM/DD/YYYY hh:mm:ss!MAC) and
+    Preference-Applied names it.  The delta GET returns, in one page and in change order, the
+    current rows changed since the token (E10 writes, control upserts/appends) and
+    {"@odata.context": ".../$metadata#set/$deletedEntity", "id": KEY, "reason": "deleted"} for
+    control deletions, plus a new deltaLink.  A token older than a replace of the rows (or of
+    an append of over 100,000 rows) has expired: 400 0x80044352, pull everything again.
+    Entities are change-tracked unless "changeTracking": false.
   * E10: a POST to a profile with an unknown key is 404 (profiles are updated, not created); to
     another entity it appends a row (existing key: 409).  Writes do not expire.  Segment
     outputs and keyless entities refuse writes (400).
+  * Jobs created through the API are onDemand, jobType full for operationType all or
+    forceRunRequested=true, else incremental.  includeTasks defaults to false on the list,
+    the single-job GET always has tasks.  includeModel defaults to true on data sources.
   * Jobs: ids are stable GUIDs; tasks start "queued"; operationType map|match|merge runs from
     that step through merge; ingestion/map/match/merge add segments and measures only with
     "downstream" (control); a job without identifiers covers every data source / segment /
@@ -3976,6 +4188,11 @@ CHOICES WHERE THE CONTRACT IS SILENT
     The Accept header's IEEE754Compatible is ignored; numbers_as_strings decides.
   * Generated DateTimeOffset values have microsecond precision written with 7 digits.
   * Control-made row changes move refreshTime to now unless "refreshTime":"keep".
+  * A scenario entity without refreshTime gets the time its history implies (last successful
+    ingestion of its data source, last merge for profiles/unified activity, last evaluation
+    for segment and measure outputs, latest measure evaluation for other measure entities), else
+    the load time.
+  * Control replies carry no X-Emulator-Seq and are not logged; only API requests get a seq.
 """
 
 
@@ -3989,8 +4206,6 @@ def cmd_generate(argv):
     p.add_argument("--header", action="store_true", help="CSV header line")
     args = p.parse_args(argv)
     gen = GENERATORS[args.schema](args.seed)
-    ent = Entity(args.schema, [{"name": n, "dataType": t} for n, t in gen.ATTRIBUTES], [[gen.KEY]], "profile")
-    enc = ndjson_encoder(ent)
     names = [n for n, _ in gen.ATTRIBUTES]
     out = sys.stdout.buffer
     if args.format == "csv" and args.header:

@@ -25,7 +25,6 @@ missing or broken module fails only the tests that need it.
 
 import os
 import re
-import subprocess
 import sys
 
 import pytest
@@ -55,15 +54,6 @@ FAST_RETRIES = {"ciflow.max_attempts": 2, "ciflow.retry_base_delay": 20}
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "tls: needs the HTTPS emulator")
-
-
-def _pkglibdir():
-    return subprocess.run(["pg_config", "--pkglibdir"], check=True,
-                          capture_output=True, text=True).stdout.strip()
-
-
-def ciflow_installed():
-    return os.path.exists(os.path.join(_pkglibdir(), "ciflow.so"))
 
 
 # ---------------------------------------------------------------------------

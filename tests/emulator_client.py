@@ -111,6 +111,13 @@ class Emulator:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self):
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()                 # never leak a process or a temp dir
+            raise
+
+    def _start(self):
         self.tmpdir = tempfile.mkdtemp(prefix="ciemu-")
         args = [PYTHON, CIEMU, "--port", "0"]
         if self.tls:
@@ -148,9 +155,7 @@ class Emulator:
         threading.Thread(target=drain, daemon=True).start()
         ready.wait(READY_TIMEOUT)
         if not found:
-            err = self.stderr_text()
-            self.stop()
-            raise EmulatorError("emulator did not become ready: " + err[-4000:])
+            raise EmulatorError("emulator did not become ready: " + self.stderr_text()[-4000:])
         self.base_url = found[0]
         parsed = urllib.parse.urlsplit(self.base_url)
         self.root = "%s://%s" % (parsed.scheme, parsed.netloc)

@@ -44,6 +44,7 @@ __all__ = [
     "pg_bindir",
     "free_port",
     "wait_for",
+    "pid_alive",
     "exec_params",
 ]
 
@@ -101,6 +102,24 @@ def free_port(host="127.0.0.1"):
         return s.getsockname()[1]
 
 
+def pid_alive(pid):
+    """True while `pid` runs; a zombie (exited, not yet reaped: pg_ctl's
+    daemonised postmaster is reparented to whatever PID 1 is) is dead."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
+    except (OSError, IndexError):
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def wait_for(predicate, timeout=30.0, interval=0.05, what="condition"):
     """Poll `predicate` until it returns a truthy value; return that value.
 
@@ -152,9 +171,18 @@ def _cleanup_all():
             pass
 
 
+_SIGNALLED = []
+
+
 def _on_fatal_signal(signum, frame):
+    if not _SIGNALLED:
+        # First SIGTERM/SIGHUP: unwind like Ctrl-C, so that pytest runs its
+        # fixture finalizers (emulators too) and `with` blocks exit; atexit
+        # catches whatever is left.
+        _SIGNALLED.append(signum)
+        raise KeyboardInterrupt(f"signal {signum}")
+    # Again while unwinding: clean up our clusters, then die of the signal.
     _cleanup_all()
-    # Re-deliver with the default action so the exit status says "signal".
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
 
@@ -382,15 +410,7 @@ class PgCluster:
 
     def is_running(self):
         pid = self.postmaster_pid()
-        if pid is None:
-            return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+        return pid is not None and pid_alive(pid)
 
     def cleanup(self):
         """Immediate stop and directory removal; idempotent, never raises."""
@@ -401,10 +421,9 @@ class PgCluster:
             if os.path.isdir(getattr(self, "datadir", "")):
                 pid = self.postmaster_pid()
                 self.stop(mode="immediate")
-                if pid is not None:
+                if pid is not None and pid_alive(pid):
                     # pg_ctl may fail on a damaged data dir: make sure anyway.
                     try:
-                        os.kill(pid, 0)
                         os.kill(pid, signal.SIGKILL)
                     except OSError:
                         pass
@@ -481,7 +500,8 @@ class PgCluster:
         opts = ["SUPERUSER" if superuser else "NOSUPERUSER",
                 "LOGIN" if login else "NOLOGIN"]
         if password is not None:
-            opts.append("PASSWORD " + psycopg2.extensions.QuotedString(password).getquoted().decode())
+            quoted = psycopg2.extensions.QuotedString(password).getquoted().decode()
+            opts.append("PASSWORD " + quoted)
         self.sql(f"CREATE ROLE {_quote_ident(name)} {' '.join(opts)} {options}")
         return name
 

@@ -21,6 +21,10 @@ sys.path.insert(0, TESTS)
 from emulator_client import (CLIENT_ID, CLIENT_SECRET, INSTANCE_ID, SCOPE, SUB_KEY,  # noqa: E402
                              SUB_KEY2, TENANT, Emulator)
 
+__all__ = ["CLIENT_ID", "CLIENT_SECRET", "INSTANCE_ID", "SCOPE", "SUB_KEY", "SUB_KEY2", "TENANT", "Emulator",
+           "I", "V1", "DATA", "TESTS", "Resp", "call", "get", "token_form", "raw_exchange", "split_http",
+           "keys_of", "pull_links", "pull_skip"]
+
 I = INSTANCE_ID
 V1 = "/v1/instances/" + I
 DATA = V1 + "/data/"
@@ -119,10 +123,6 @@ def split_http(data):
         k, _, v = line.partition(":")
         headers[k.strip().lower()] = v.strip()
     return status, headers, body
-
-
-def control_rows(emu, name):
-    return emu.rows(name)
 
 
 def keys_of(rows, key="CustomerId"):

@@ -6,7 +6,6 @@ emulator's request log, and exact row-set comparison between a synced table
 and the emulator's own rows (canonical values, SHA-256 over the sorted set).
 """
 
-import base64
 import contextlib
 import datetime as dt
 import decimal
@@ -178,7 +177,7 @@ def last_seq(emu):
 # Canonical values: the same text for a value whether it comes from the
 # emulator's JSON or from PostgreSQL through psycopg2.
 
-def _parse_iso(value):
+def parse_iso(value):
     m = re.match(r"^(\d{4}-\d{2}-\d{2})[T ](\d{2}:\d{2}:\d{2})(?:\.(\d+))?(Z|[+-]\d{2}:?\d{2})?$",
                  value)
     if not m:
@@ -217,7 +216,7 @@ def canon_emu(value, edm):
     if edm == "Edm.Boolean":
         return "true" if value else "false"
     if edm == "Edm.DateTimeOffset":
-        return _parse_iso(value).astimezone(dt.timezone.utc).isoformat()
+        return parse_iso(value).astimezone(dt.timezone.utc).isoformat()
     if edm == "Edm.Date":
         return dt.date.fromisoformat(value).isoformat()
     if edm == "Edm.Guid":
@@ -366,17 +365,24 @@ def primary_key_columns(db, schema, table):
             ORDER BY array_position(i.indkey::int2[], a.attnum)""", (schema, table))]
 
 
-def run_row(db, run_id):
-    """The ciflow.sync_runs row `run_id` as a dict."""
-    conn = db.connect()
+def dict_rows(db, query, params=None, conn=None):
+    """Rows of `query` as dicts, on `conn` or on a fresh connection to `db`."""
+    own = conn is None
+    conn = conn or db.connect()
     try:
         with conn.cursor() as cur:
-            cur.execute("SELECT * FROM ciflow.sync_runs WHERE id = %s", (run_id,))
+            cur.execute(query, params)
             names = [d[0] for d in cur.description]
-            row = cur.fetchone()
-            return dict(zip(names, row)) if row else None
+            return [dict(zip(names, r)) for r in cur.fetchall()]
     finally:
-        conn.close()
+        if own:
+            conn.close()
+
+
+def run_row(db, run_id):
+    """The ciflow.sync_runs row `run_id` as a dict (None if there is none)."""
+    rows = dict_rows(db, "SELECT * FROM ciflow.sync_runs WHERE id = %s", (run_id,))
+    return rows[0] if rows else None
 
 
 def sync(db, connection, entity, conn=None, **kwargs):
@@ -384,21 +390,8 @@ def sync(db, connection, entity, conn=None, **kwargs):
     named = "".join(f", {k} => %({k})s" for k in kwargs)
     query = f"SELECT * FROM ciflow.sync(%(connection)s, %(entity)s{named})"
     params = dict(kwargs, connection=connection, entity=entity)
-    own = conn is None
-    conn = conn or db.connect()
-    try:
-        with conn.cursor() as cur:
-            cur.execute(query, params)
-            names = [d[0] for d in cur.description]
-            return dict(zip(names, cur.fetchone()))
-    finally:
-        if own:
-            conn.close()
+    return dict_rows(db, query, params, conn)[0]
 
 
 def regclass_of(db, name):
     return db.sql("SELECT to_regclass(%s)::oid", (name,))[0][0]
-
-
-def b64(data):
-    return base64.b64encode(data).decode()

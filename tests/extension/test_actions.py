@@ -6,13 +6,12 @@ that every query option arrives intact (decoded by the emulator exactly as
 the user wrote it), and compare answers with the emulator's own data.
 """
 
-import datetime as dt
 import json
 import urllib.parse
 
 import pytest
 
-from extension.cihelpers import (_parse_iso, api_requests, entity_list, key_names, query_of,
+from extension.cihelpers import (parse_iso, api_requests, entity_list, key_names, query_of,
                                  raises_sqlstate, assert_names, assert_http_detail)
 
 TRICKY = "O'Brien & Sons + #1 Zoë/ü?=%20 €\u00a0x"
@@ -85,7 +84,7 @@ def test_get_entities_matches_metadata(ciflow_db, ci_connection, emulator):
             [(a["name"], a["dataType"]) for a in e["attributes"]], qualified
         assert key_names(keys) == key_names(e["keys"]), qualified
         if e.get("refreshTime"):
-            assert refreshed == _parse_iso(e["refreshTime"]), qualified
+            assert refreshed == parse_iso(e["refreshTime"]), qualified
         else:
             assert refreshed is None, qualified
 
@@ -152,8 +151,18 @@ def test_search(ciflow_db, contacts, emulator):
     assert got == [CONTACT_ROWS[-1]]
 
 
+def test_expand(ciflow_db, ci_connection, emulator):
+    emulator.clear_log()
+    rows = get_items(ciflow_db, entity="Customer", expand="UnifiedActivity", top=3)
+    call = only_call(emulator)
+    assert query_of(call)["$expand"] == "UnifiedActivity"
+    assert [strip_annotations(r) for r in rows] == replay(emulator, call)
+    assert all(isinstance(r.get("UnifiedActivity"), list) for r in rows)
+
+
 def test_get_item_found(ciflow_db, contacts, emulator):
-    row = ciflow_db.sql("SELECT ciflow.get_item('emu', 'Contact', 'c07', key_name => 'ContactId')")[0][0]
+    row = ciflow_db.sql(
+        "SELECT ciflow.get_item('emu', 'Contact', 'c07', key_name => 'ContactId')")[0][0]
     assert strip_annotations(row) == CONTACT_ROWS[7]
     assert query_of(only_call(emulator))["$filter"] == "ContactId eq 'c07'"
 
@@ -172,10 +181,11 @@ def test_get_item_absent_is_null(ciflow_db, contacts, emulator):
 
 
 def test_get_item_default_key_is_customer_id(ciflow_db, ci_connection, emulator):
-    emulator.set_entity("Customer", {"entityType": "profile",
-                                     "attributes": [{"name": "CustomerId", "dataType": "Edm.String"},
-                                                    {"name": "FullName", "dataType": "Edm.String"}],
-                                     "keys": [["CustomerId"]]},
+    emulator.set_entity("Customer",
+                        {"entityType": "profile",
+                         "attributes": [{"name": "CustomerId", "dataType": "Edm.String"},
+                                        {"name": "FullName", "dataType": "Edm.String"}],
+                         "keys": [["CustomerId"]]},
                         rows=[{"CustomerId": "42", "FullName": "Jane Doe"},
                               {"CustomerId": "43", "FullName": "John Roe"}])
     emulator.clear_log()

@@ -11,7 +11,7 @@ import psycopg2
 import pytest
 
 from extension.cihelpers import (assert_names, connection_args, create_connection_sql,
-                                error_fields, last_seq, raises_sqlstate)
+                                dict_rows, error_fields, last_seq, raises_sqlstate)
 
 VIEW_COLUMNS = {"name", "base_url", "instance_id", "flavor", "token_url", "client_id",
                 "scope", "max_calls", "per_interval", "page_size", "ca_file",
@@ -21,15 +21,8 @@ SECRET_COLUMNS = {"client_secret", "subscription_key", "bearer_token"}
 
 
 def view_row(db, name):
-    conn = db.connect()
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT * FROM ciflow.connections WHERE name = %s", (name,))
-            cols = [d[0] for d in cur.description]
-            row = cur.fetchone()
-            return dict(zip(cols, row)) if row else None
-    finally:
-        conn.close()
+    rows = dict_rows(db, "SELECT * FROM ciflow.connections WHERE name = %s", (name,))
+    return rows[0] if rows else None
 
 
 def alter(db, name, **kw):

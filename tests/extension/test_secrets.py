@@ -28,7 +28,7 @@ import time
 import psycopg2
 import pytest
 
-from harness import PgCluster, PgError
+from harness import PgCluster
 from extension.cihelpers import (connection_args, create_connection_sql, data_requests,
                                  error_fields, last_seq, qident)
 
@@ -276,11 +276,13 @@ def test_no_secret_in_debug5_log_notices_or_errors(debug_cluster, emulator):
         emulator.clear_faults()
         # A rejected subscription key and a rejected client secret (both
         # set through bind parameters): errors that involve the secrets.
-        debug_cluster.exec_params("SELECT ciflow.alter_connection($1::text, subscription_key => $2::text)",
-                                  ["emu", WRONG_KEY])
+        debug_cluster.exec_params(
+            "SELECT ciflow.alter_connection($1::text, subscription_key => $2::text)",
+            ["emu", WRONG_KEY])
         run("SELECT * FROM ciflow.get_entities('emu')")
-        debug_cluster.exec_params("SELECT ciflow.alter_connection($1::text, subscription_key => $2::text,"
-                                  " client_secret => $3::text)", ["emu", ec.SUB_KEY, WRONG_SECRET])
+        debug_cluster.exec_params(
+            "SELECT ciflow.alter_connection($1::text, subscription_key => $2::text,"
+            " client_secret => $3::text)", ["emu", ec.SUB_KEY, WRONG_SECRET])
         run("SELECT * FROM ciflow.get_entities('emu')")
         notices = "".join(conn.notices)
     finally:

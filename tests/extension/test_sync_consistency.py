@@ -13,7 +13,9 @@ Slowness comes from the emulator's delay_ms fault on data pages; no test
 asserts on durations, only on what was observed and in which order.
 """
 
+import re
 import threading
+import time
 
 import psycopg2
 import pytest
@@ -76,7 +78,6 @@ def snapshot_of(db):
 
 def wait_for_data_calls(emu, seq, n, thread):
     """Block until the sync has made n data calls (or has ended)."""
-    import time
     while thread.is_alive() and len(data_requests(emu, ENTITY, seq)) < n:
         time.sleep(0.02)
 
@@ -130,7 +131,6 @@ def test_persistent_fault_on_page_k_fails_and_keeps_old_contents(ciflow_db, emul
         conn.close()
     assert_names(err, "emu", ENTITY)
     # Pages count from 1: $skip=200 with 100-row pages is page 3.
-    import re
     m = re.match(r"Run (\d+), page (\d+)\b", err.detail or "")
     assert m, f"DETAIL does not start 'Run <id>, page <k>': {err!r}"
     run_id, page = int(m.group(1)), int(m.group(2))

@@ -14,8 +14,8 @@ import uuid
 
 import pytest
 
-from extension.cihelpers import (pg_type_for, primary_key_columns, regclass_of, run_row, snake,
-                                 sync, table_columns)
+from extension.cihelpers import (dict_rows, pg_type_for, primary_key_columns, regclass_of,
+                                 run_row, snake, sync, table_columns)
 
 # One attribute per Edm type of A.3, plus one the contract does not know.
 ZOO_ATTRIBUTES = [
@@ -93,17 +93,6 @@ def zoo(emulator, ci_connection, ciflow_db):
         ciflow_db.sql(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
 
 
-def read_table(db, table):
-    conn = db.connect()
-    try:
-        with conn.cursor() as cur:
-            cur.execute(f"SELECT * FROM {table} ORDER BY zoo_id")
-            names = [d[0] for d in cur.description]
-            return [dict(zip(names, r)) for r in cur.fetchall()]
-    finally:
-        conn.close()
-
-
 def assert_zoo_table(db, schema, table):
     cols = table_columns(db, schema, table)
     assert [c[0] for c in cols] == [snake(n) for n, _ in ZOO_ATTRIBUTES]
@@ -111,7 +100,7 @@ def assert_zoo_table(db, schema, table):
         assert data_type == pg_type_for(edm), f"{name} ({edm}) became {data_type}"
         assert comment == name, f"comment of {col} is {comment!r}, not {name!r}"
     assert primary_key_columns(db, schema, table) == ["zoo_id"]
-    rows = read_table(db, f"{schema}.{table}")
+    rows = dict_rows(db, f"SELECT * FROM {schema}.{table} ORDER BY zoo_id")
     assert [r["zoo_id"] for r in rows] == ["a", "b", "c"]
     for r in rows:
         got = {k: v for k, v in r.items() if k != "zoo_id"}
