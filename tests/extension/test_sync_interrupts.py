@@ -1,0 +1,113 @@
+"""Interrupted syncs: nothing lost, nothing half-written, the run recorded.
+
+- A cancelled statement (here statement_timeout) stops the sync worker
+  promptly; the run is recorded as failed, the staging heap is dropped, the
+  target keeps its previous contents byte for byte, and no worker lingers.
+- A sync worker killed with SIGKILL takes the server through crash recovery;
+  its run stays 'running' until the next sync of the same target marks it
+  failed and removes what it left staged, then succeeds.  This test runs on a
+  cluster of its own, because crash recovery ends every session.
+"""
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from harness import PgCluster, wait_for
+from extension.cihelpers import (connection_args, create_connection_sql, raises_sqlstate,
+                                 sync, table_md5)
+
+# Page 3 (the one asking $skip=200) answers only after this long.
+SLOW_PAGE = {"delay_ms": 8000, "status": 200}
+SLOW_MATCH = {"method": "GET", "path": "/data/Customer$", "query": r"(\$|%24)skip=200(&|$)"}
+
+
+def staged_tables(db):
+    return db.sql("SELECT relname FROM pg_class WHERE relnamespace = 'emu'::regnamespace"
+                  " AND relkind = 'r' AND relname <> 'customer'")
+
+
+def sync_workers(db):
+    return db.sql("SELECT pid FROM pg_stat_activity WHERE backend_type = 'ciflow sync'")
+
+
+def test_cancel_stops_the_worker_and_records_the_run(ciflow_db, ci_connection, emulator):
+    sync(ciflow_db, "emu", "Customer")
+    before = table_md5(ciflow_db, "emu.customer")
+    emulator.add_fault(SLOW_MATCH, SLOW_PAGE)
+
+    conn = ciflow_db.connect()
+    started = time.monotonic()
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SET statement_timeout = '1500ms'")
+            with raises_sqlstate("57014"):
+                cur.execute("SELECT * FROM ciflow.sync('emu', 'Customer')")
+    finally:
+        conn.close()
+    # Cancelled at the timeout, not after the slow page answered.
+    assert time.monotonic() - started < 6
+
+    wait_for(lambda: not sync_workers(ciflow_db), timeout=10, what="the worker to exit")
+    run = ciflow_db.sql("SELECT status, pages, error FROM ciflow.sync_runs"
+                        " ORDER BY id DESC LIMIT 1")[0]
+    assert run[0] == "failed" and run[1] == 2 and "cancel" in run[2], run
+    assert staged_tables(ciflow_db) == []
+    assert table_md5(ciflow_db, "emu.customer") == before
+
+
+@pytest.fixture
+def own_cluster():
+    with PgCluster() as pg:
+        pg.sql("CREATE EXTENSION ciflow")
+        yield pg
+
+
+def test_killed_worker_is_cleaned_up_by_the_next_sync(own_cluster, emulator):
+    pg = own_cluster
+    query, params = create_connection_sql("emu", connection_args(emulator))
+    pg.sql(query, params)
+    pg.sql("SELECT * FROM ciflow.sync('emu', 'Customer')")
+    before = table_md5(pg, "emu.customer")
+    emulator.add_fault(SLOW_MATCH, SLOW_PAGE)
+
+    errors = []
+
+    def caller():
+        try:
+            pg.sql("SELECT * FROM ciflow.sync('emu', 'Customer')")
+        except Exception as exc:  # the server goes through crash recovery
+            errors.append(exc)
+
+    thread = threading.Thread(target=caller)
+    thread.start()
+    pid = wait_for(lambda: (sync_workers(pg) or [[None]])[0][0], timeout=10,
+                   what="the sync worker")
+    wait_for(lambda: pg.sql("SELECT pages FROM ciflow.sync_runs WHERE status = 'running'")
+             == [(2,)], timeout=10, what="two pages loaded")
+    os.kill(pid, signal.SIGKILL)
+    thread.join(30)
+    assert errors, "the caller should lose its session in crash recovery"
+
+    def up():
+        try:
+            return pg.sql("SELECT 1")
+        except Exception:
+            return None
+    wait_for(up, timeout=60, what="crash recovery")
+
+    # The killed run is still 'running', its staging heap still there.
+    assert pg.sql("SELECT status FROM ciflow.sync_runs ORDER BY id") == [("succeeded",),
+                                                                      ("running",)]
+    assert staged_tables(pg) != []
+    assert table_md5(pg, "emu.customer") == before
+
+    emulator.clear_faults()
+    run = sync(pg, "emu", "Customer")
+    assert run["status"] == "succeeded" and run["rows"] == 250
+    statuses = pg.sql("SELECT status, error FROM ciflow.sync_runs ORDER BY id")
+    assert statuses[1][0] == "failed" and "interrupted" in statuses[1][1], statuses
+    assert staged_tables(pg) == []
