@@ -21,7 +21,7 @@ from extension.cihelpers import (connection_args, create_connection_sql, raises_
                                  sync, table_md5)
 
 # Page 3 (the one asking $skip=200) answers only after this long.
-SLOW_PAGE = {"delay_ms": 8000, "status": 200}
+SLOW_PAGE = {"delay_ms": 8000}
 SLOW_MATCH = {"method": "GET", "path": "/data/Customer$", "query": r"(\$|%24)skip=200(&|$)"}
 
 
@@ -111,3 +111,32 @@ def test_killed_worker_is_cleaned_up_by_the_next_sync(own_cluster, emulator):
     statuses = pg.sql("SELECT status, error FROM ciflow.sync_runs ORDER BY id")
     assert statuses[1][0] == "failed" and "interrupted" in statuses[1][1], statuses
     assert staged_tables(pg) == []
+
+
+def test_no_transaction_is_open_while_a_page_is_fetched(ciflow_db, ci_connection, emulator):
+    """While the worker waits for a slow page, it holds no transaction (and no
+    snapshot): the pages already loaded are committed, progress included."""
+    emulator.add_fault(SLOW_MATCH, {"delay_ms": 3000})
+    result = []
+
+    def run():
+        try:
+            result.append(sync(ciflow_db, "emu", "Customer"))
+        except Exception as exc:
+            result.append(exc)
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        wait_for(lambda: ciflow_db.sql("SELECT pages FROM ciflow.sync_progress") == [(2,)],
+                 timeout=10, what="two pages loaded")
+        time.sleep(0.3)
+        state = ciflow_db.sql(
+            "SELECT xact_start, backend_xid, backend_xmin, state FROM pg_stat_activity"
+            " WHERE backend_type = 'ciflow sync'")
+        assert len(state) == 1, state
+        xact_start, xid, xmin, _ = state[0]
+        assert xact_start is None and xid is None and xmin is None, state
+    finally:
+        thread.join(30)
+    assert result and isinstance(result[0], dict), result
+    assert result[0]["status"] == "succeeded" and result[0]["rows"] == 250
