@@ -251,6 +251,12 @@ def _ascii_fold(s):
 
 _FIRST_ASCII = [_ascii_fold(n) for n in _FIRST]
 _LAST_ASCII = [_ascii_fold(n) for n in _LAST]
+_NOTES = _NOTES_TRICKY + _NOTES_PLAIN
+# JSON-encoded once, so that CustomerGenerator.json escapes nothing per row.
+_FIRST_JSON = [_json_str(n) for n in _FIRST]
+_LAST_JSON = [_json_str(n) for n in _LAST]
+_CITIES_JSON = [(_json_str(c), _json_str(k)) for c, k in _CITIES]
+_NOTES_JSON = [_json_str(n) for n in _NOTES]
 _EPOCH_1940 = calendar.timegm((1940, 1, 1, 0, 0, 0)) // 86400
 _EPOCH_2018 = calendar.timegm((2018, 1, 1, 0, 0, 0))
 _BIRTH_DAYS = 25567          # 1940-01-01 .. 2009-12-31
@@ -325,8 +331,10 @@ class CustomerGenerator:
         return None
 
     def values(self, i, M64=M64, GAMMA=GAMMA, _C1=_C1, _C2=_C2):          # constants as locals: hot path
-        """Row i as a tuple in attribute order, LifetimeValue as integer cents and ChurnScore
-        as an integer of 1/10000: row() and json() turn it into a dict or into JSON text."""
+        """Row i as (CustomerId, first name index, last name index, city index, Email,
+        PostalCode, BirthDate, CreatedOn, LastPurchaseOn, LoyaltyPoints, PurchaseCount,
+        LifetimeValue in cents, ChurnScore in 1/10000, IsActive, ExternalRef, note index or -1):
+        row() and json() render it as a dict or as JSON text."""
         h1 = mix64((self.base + (i + 1) * GAMMA) & M64)
         # Eight splitmix64 steps from state h1, unrolled: this is the generator's hot path.
         s = (h1 + GAMMA) & M64
@@ -363,8 +371,7 @@ class CustomerGenerator:
         r7 = z ^ (z >> 31)
         fi = (r1 & 0xFFFF) % len(_FIRST)
         li = ((r1 >> 16) & 0xFFFF) % len(_LAST)
-        city, country = _CITIES[((r1 >> 32) & 0xFFFF) % len(_CITIES)]
-        first, last = _FIRST[fi], _LAST[li]
+        ci = ((r1 >> 32) & 0xFFFF) % len(_CITIES)
         email = None
         if ((r1 >> 48) & 0x3FF) >= 51:                                   # 5 % null
             email = "%s.%s%d@%s" % (_FIRST_ASCII[fi], _LAST_ASCII[li], (r2 >> 40) % 1000,
@@ -385,25 +392,30 @@ class CustomerGenerator:
         cents = r6 % 6_000_000
         note_sel = (r6 >> 47) & 0x3FF
         if note_sel < 10:                                                # ~1 % hostile
-            notes = _NOTES_TRICKY[(r6 >> 57) % len(_NOTES_TRICKY)]
+            note = (r6 >> 57) % len(_NOTES_TRICKY)
         elif note_sel < 310:
-            notes = None
+            note = -1
         else:
-            notes = _NOTES_PLAIN[(r6 >> 57) % len(_NOTES_PLAIN)]
-        return ("%016x%016x" % (h1, h2), first, last, first + " " + last, email, city, country,
-                "%05d" % (r2 % 100000), birth, created, last_purchase, r5 % 100001, purchases,
-                cents, (r6 >> 23) % 10000, ((r6 >> 37) & 0x3FF) < 820,
+            note = len(_NOTES_TRICKY) + (r6 >> 57) % len(_NOTES_PLAIN)
+        return ("%016x%016x" % (h1, h2), fi, li, ci, email, "%05d" % (r2 % 100000), birth, created,
+                last_purchase, r5 % 100001, purchases, cents, (r6 >> 23) % 10000,
+                ((r6 >> 37) & 0x3FF) < 820,
                 "%08x-%04x-4%03x-%x%03x-%012x" % (
                     r7 >> 32, (r7 >> 16) & 0xFFFF, r7 & 0xFFF, 8 | (h2 >> 62), (h2 >> 48) & 0xFFF,
                     (r4 >> 8) & 0xFFFFFFFFFFFF),
-                notes)
+                note)
 
     def row(self, i):
-        v = self.values(i)
-        row = dict(zip(self.NAMES, v))
-        row["LifetimeValue"] = Decimal(v[13]).scaleb(-2)
-        row["ChurnScore"] = v[14] / 10000
-        return row
+        (cid, fi, li, ci, email, postal, birth, created, lastp, loyalty, purchases, cents, churn,
+         active, ext, note) = self.values(i)
+        first, last = _FIRST[fi], _LAST[li]
+        city, country = _CITIES[ci]
+        return {"CustomerId": cid, "FirstName": first, "LastName": last, "FullName": first + " " + last,
+                "Email": email, "City": city, "Country": country, "PostalCode": postal,
+                "BirthDate": birth, "CreatedOn": created, "LastPurchaseOn": lastp,
+                "LoyaltyPoints": loyalty, "PurchaseCount": purchases,
+                "LifetimeValue": Decimal(cents).scaleb(-2), "ChurnScore": churn / 10000,
+                "IsActive": active, "ExternalRef": ext, "Notes": _NOTES[note] if note >= 0 else None}
 
     _JSON = ('{"CustomerId":"%s","FirstName":%s,"LastName":%s,"FullName":%s,"Email":%s,"City":%s,'
              '"Country":%s,"PostalCode":"%s","BirthDate":%s,"CreatedOn":"%s","LastPurchaseOn":%s,'
@@ -413,14 +425,15 @@ class CustomerGenerator:
     def json(self, i):
         """Row i as the same JSON text RowEncoder makes from row(i), without the dict: the
         fast path for whole rows (pages without $select, NDJSON, hashes)."""
-        (cid, first, last, full, email, city, country, postal, birth, created, lastp, loyalty,
-         purchases, cents, churn, active, ext, notes) = self.values(i)
-        js = _json_str
+        (cid, fi, li, ci, email, postal, birth, created, lastp, loyalty, purchases, cents, churn,
+         active, ext, note) = self.values(i)
+        first, last = _FIRST_JSON[fi], _LAST_JSON[li]
+        city, country = _CITIES_JSON[ci]
         return self._JSON % (
-            cid, js(first), js(last), js(full), "null" if email is None else '"%s"' % email, js(city),
-            js(country), postal, "null" if birth is None else '"%s"' % birth, created,
+            cid, first, last, first[:-1] + " " + last[1:], "null" if email is None else '"%s"' % email,
+            city, country, postal, "null" if birth is None else '"%s"' % birth, created,
             "null" if lastp is None else '"%s"' % lastp, loyalty, purchases, cents // 100, cents % 100,
-            churn / 10000, "true" if active else "false", ext, "null" if notes is None else js(notes))
+            churn / 10000, "true" if active else "false", ext, _NOTES_JSON[note] if note >= 0 else "null")
 
 
 GENERATORS = {"customer": CustomerGenerator}
@@ -1386,6 +1399,10 @@ class Instance:
         self.jobs.append(job)
         return job
 
+    def jobs_newest_first(self):
+        """The order of GET .../jobs: by submittedTimestamp, then creation, newest first."""
+        return sorted(self.jobs, key=lambda j: (j.submitted, j.seq), reverse=True)
+
     def job(self, job_id):
         for j in self.jobs:
             if j.id == job_id:
@@ -1599,6 +1616,14 @@ def _seconds_or_off(v):
     return s
 
 
+def _root_or_off(v):
+    if v is None or str(v).lower() in ("off", "none", ""):
+        return None
+    if not re.fullmatch(r"https?://[^/?#\s]+", str(v)):
+        raise ValueError("must be off or scheme://host[:port]")
+    return str(v)
+
+
 SETTINGS = [
     # name, default, parser, help
     ("flavor", "customer_insights", _choice("customer_insights", "dataverse"),
@@ -1624,6 +1649,10 @@ SETTINGS = [
     ("sas_ttl", 3600, _int(1), "lifetime in seconds of signed /_files/ URLs"),
     ("token_expires_as_string", False, _bool, "send expires_in/ext_expires_in as strings"),
     ("dataverse_max_page", 5000, _int(1), "dataverse: page size when Prefer asks none or more"),
+    ("link_root", None, _root_or_off,
+     "off, or scheme://host:port that absolute nextLinks/deltaLinks use instead of the request's"),
+    ("files_root", None, _root_or_off,
+     "off, or scheme://host:port of the partition URLs (E5) instead of the request's"),
 ]
 SETTING_DEFAULTS = {name: default for name, default, _, _ in SETTINGS}
 SETTING_PARSERS = {name: parser for name, _, parser, _ in SETTINGS}
@@ -1646,6 +1675,8 @@ def settings_json(settings):
     out = dict(settings)
     out["rate"] = "off" if settings["rate"] is None else "%d/%s" % settings["rate"]
     out["auto_advance"] = "off" if settings["auto_advance"] is None else settings["auto_advance"]
+    for k in ("link_root", "files_root"):
+        out[k] = settings[k] or "off"
     return out
 
 
@@ -2230,6 +2261,8 @@ class Ctx:
         # Absolute links use the client's Host, as a real server behind a name would.
         self.host = headers.get("Host") or "127.0.0.1:%d" % port
         self.root = "%s://%s" % (scheme, self.host)
+        self.link_root = state.settings["link_root"] or self.root
+        self.files_root = state.settings["files_root"] or self.root
         self.key = self.token = self.fault = self.route = self.client = None
         self.error_kind = "apierror"
 
@@ -2262,7 +2295,8 @@ def error_body(ctx, err):
     if kind == "gateway":
         return {"statusCode": err.status, "message": err.message}
     if kind == "entra":
-        code_num = int(re.match(r"AADSTS(\d+)", err.message).group(1)) if err.message.startswith("AADSTS") else 0
+        m = re.match(r"AADSTS(\d+)", err.message)
+        code_num = int(m.group(1)) if m else 0
         now = fmt_ticks(ctx.state.clock.now())
         trace = guid_from("trace", ctx.seq)
         return {"error": err.code,
@@ -2561,7 +2595,10 @@ class DataQuery:
             if isinstance(sl, range):
                 return self.rowset.rows_json(sl.start, sl.stop, enc)
             return [self.rowset.row_json(i, enc) for i in sl]
-        rows = self.rowset.rows(sl.start, sl.stop) if isinstance(sl, range) else (self.rowset.row(i) for i in sl)
+        if isinstance(sl, range):
+            rows = self.rowset.rows(sl.start, sl.stop)
+        else:
+            rows = (self.rowset.row(i) for i in sl)
         rels = [(rel, RowEncoder(rel, as_strings), self.inst.rows_of(rel)) for rel in self.expand]
         key = self.ent.key_attr
         out = []
@@ -2613,10 +2650,11 @@ class DataQuery:
         nl = self.settings["nextlink"]
         if nl != "off" and size > 0 and offset + len(rows) < total:
             q = kept_query(self.raw_query, self.from_path_pairs)
-            q.append("$skiptoken=" + urllib.parse.quote(make_ci_token(offset + len(rows), size, self.qhash), safe=""))
+            token = make_ci_token(offset + len(rows), size, self.qhash)
+            q.append("$skiptoken=" + urllib.parse.quote(token, safe=""))
             name = urllib.parse.quote(self.ent.name, safe="")
             rooted = "%s/instances/%s/data/%s" % (CI_PREFIX, self.inst.id, name)
-            link = {"absolute": self.ctx.root + rooted, "rooted": rooted, "relative": name}[nl]
+            link = {"absolute": self.ctx.link_root + rooted, "rooted": rooted, "relative": name}[nl]
             body["@odata.nextLink"] = link + "?" + "&".join(q)
         return self.respond(body, rows)
 
@@ -2658,7 +2696,7 @@ class DataQuery:
             q = kept_query(self.raw_query)
             q.append("$skiptoken=" + urllib.parse.quote(
                 make_dv_token(offset + len(rows), size, self.qhash, page), safe="="))
-            body["@odata.nextLink"] = "%s%s/%s?%s" % (self.ctx.root, DV_PREFIX,
+            body["@odata.nextLink"] = "%s%s/%s?%s" % (self.ctx.link_root, DV_PREFIX,
                                                       urllib.parse.quote(self.ent.entity_set, safe=""),
                                                       "&".join(q))
         elif track:
@@ -2674,8 +2712,8 @@ class DataQuery:
         q = [x for x in kept_query(self.raw_query)
              if urllib.parse.unquote_plus(x.split("=", 1)[0]) not in ("$deltatoken",)]
         q.append("$deltatoken=" + urllib.parse.quote(token, safe=""))
-        return "%s%s/%s?%s" % (self.ctx.root, DV_PREFIX, urllib.parse.quote(self.ent.entity_set, safe=""),
-                               "&".join(q))
+        return "%s%s/%s?%s" % (self.ctx.link_root, DV_PREFIX,
+                               urllib.parse.quote(self.ent.entity_set, safe=""), "&".join(q))
 
     def delta_hash(self):
         return hashlib.sha256(dumps([self.ent.name, self.params.get("$select")]).encode()).hexdigest()[:12]
@@ -2690,7 +2728,8 @@ class DataQuery:
         since = int(m.group(1))
         ent = self.ent
         if since < ent.tracking_floor or not ent.key_attr:
-            raise ApiError(400, "0x80044352", "The $deltatoken has expired; retrieve all records again.", "odata")
+            raise ApiError(400, "0x80044352", "The $deltatoken has expired; retrieve all records again.",
+                           "odata")
         self.select = parse_select(ent, self.params.get("$select"))
         latest = collections.OrderedDict()
         for cv, op, key in ent.changes:
@@ -2729,7 +2768,7 @@ def _file_sig(inst_id, name, part, se):
 def signed_file_url(ctx, inst, ent, part):
     se = fmt_sas_time(ctx.state.clock.now() + ctx.state.settings["sas_ttl"] * TICKS)
     return "%s/_files/%s/%s/part-%d.csv?sv=2020-04-08&sr=b&sp=r&se=%s&sig=%s" % (
-        ctx.root, urllib.parse.quote(inst.id, safe=""), urllib.parse.quote(ent.name, safe=""), part,
+        ctx.files_root, urllib.parse.quote(inst.id, safe=""), urllib.parse.quote(ent.name, safe=""), part,
         urllib.parse.quote(se, safe=""), urllib.parse.quote(_file_sig(inst.id, ent.name, part, se), safe=""))
 
 
@@ -2844,7 +2883,8 @@ class Api:
             raise odata_bad_request("The request body must be a JSON object.")
         unknown = sorted(set(doc) - set(ent.types))
         if unknown:
-            raise odata_bad_request("Could not find a property named '%s' on type '%s'." % (unknown[0], ent.name))
+            raise odata_bad_request("Could not find a property named '%s' on type '%s'."
+                                    % (unknown[0], ent.name))
         return {k: coerce_value(v, ent.types[k]) for k, v in doc.items()}
 
     def write(self, i, name):
@@ -2928,7 +2968,8 @@ class Api:
 
     def datasources(self, i):
         inst = self.state.instance(i)
-        return json_reply(200, [self.ds_json(inst, d, self._include_model()) for d in inst.datasources.values()])
+        model = self._include_model()
+        return json_reply(200, [self.ds_json(inst, d, model) for d in inst.datasources.values()])
 
     def datasource(self, i, ds_id):
         inst = self.state.instance(i)
@@ -2965,7 +3006,7 @@ class Api:
         if not re.fullmatch(r"\d{1,9}", top) or int(top) < 1:
             raise ApiError(400, "InvalidParameter", "top must be a positive integer.")
         tasks = self.ctx.params.get("includeTasks", "false").lower() == "true"
-        jobs = sorted(inst.jobs, key=lambda j: (j.submitted, j.seq), reverse=True)[:int(top)]
+        jobs = inst.jobs_newest_first()[:int(top)]
         return json_reply(200, [self.job_json(j, tasks) for j in jobs])
 
     def job(self, i, w, job_id):
@@ -2986,7 +3027,8 @@ class Api:
             ids = [x.strip().strip("'\"") for x in p["identifiers"].split(",") if x.strip()]
         force = p.get("forceRunRequested", "false").lower() == "true"
         with self.state.lock:
-            job = inst.submit_job(op, "onDemand", ids, job_type="full" if (force or op == "all") else "incremental")
+            job = inst.submit_job(op, "onDemand", ids,
+                                  job_type="full" if (force or op == "all") else "incremental")
         return json_reply(200, self.job_json(job))
 
     def cancel(self, i, w, job_id):
@@ -3080,7 +3122,8 @@ class Api:
             n = next(st.token_counter)
             claims = base64.urlsafe_b64encode(dumps({"tid": st.tenant, "appid": cid, "n": n, "scp": scope})
                                               .encode()).rstrip(b"=").decode()
-            tok = "eyJ0eXAiOiJKV1QiLCJhbGciOiJSUzI1NiJ9.%s.%s" % (claims, _mac("token%d" % n) + _mac("sig%d" % n))
+            signature = _mac("token%d" % n) + _mac("sig%d" % n)
+            tok = "eyJ0eXAiOiJKV1QiLCJhbGciOiJSUzI1NiJ9.%s.%s" % (claims, signature)
             st.tokens[tok] = Token("tok-%d" % n, cid, st.clock.now() + ttl * TICKS)
         exp = str(ttl) if st.settings["token_expires_as_string"] else ttl
         return json_reply(200, {"token_type": "Bearer", "expires_in": exp, "ext_expires_in": exp,
@@ -3242,7 +3285,8 @@ def fault_reply(ctx, action, kind):
         if status == 429:
             ra = dict((k.lower(), v) for k, v in headers).get("retry-after", "1")
             message = "Rate limit is exceeded. Try again in %s seconds." % (ra if ra.isdigit() else 1)
-    code = {"entra": "temporarily_unavailable", "storage": "ServerBusy"}.get(body, _PHRASES.get(status, "Error").replace(" ", ""))
+    code = {"entra": "temporarily_unavailable", "storage": "ServerBusy"}.get(
+        body, _PHRASES.get(status, "Error").replace(" ", ""))
     if body == "entra" and not message.startswith("AADSTS"):
         message = "AADSTS50000: " + message
     reply = error_reply(ctx, ApiError(status, code, message, body))
@@ -3407,8 +3451,7 @@ class Control:
                 "segments": json.loads(self.api.segments(inst.id).body),
                 "measures": [dict(self.api.measure_json(m), plannedValues=m.get("plannedValues"))
                              for m in inst.measures.values()],
-                "jobs": [self.api.job_json(j) for j in sorted(inst.jobs, key=lambda j: (j.submitted, j.seq),
-                                                              reverse=True)],
+                "jobs": [self.api.job_json(j) for j in inst.jobs_newest_first()],
                 "status": json.loads(self.api.status(inst.id, "main").body)})
         return out
 
@@ -3522,7 +3565,8 @@ class Control:
             try:
                 rowset.row(int(index))          # validates the index
             except (ValueError, IndexError):
-                raise ApiError(404, "NotFound", "no row %s in %s (%d rows)" % (index, name, len(rowset))) from None
+                raise ApiError(404, "NotFound", "no row %s in %s (%d rows)"
+                               % (index, name, len(rowset))) from None
             return RawJson(rowset.row_json(int(index), enc))
         try:
             offset = int(self.ctx.params.get("offset", "0"))
@@ -3618,7 +3662,7 @@ class Control:
         inst = self.inst()
         if job_id is not None:
             return self.api.job_json(inst.job(job_id))
-        return [self.api.job_json(j) for j in sorted(inst.jobs, key=lambda j: (j.submitted, j.seq), reverse=True)]
+        return [self.api.job_json(j) for j in inst.jobs_newest_first()]
 
     def c_post_jobs(self, job_id=None, what=None):
         inst = self.inst()
@@ -3628,7 +3672,9 @@ class Control:
             ids = doc.get("identifiers")
             if isinstance(ids, str):
                 ids = [ids]
-            at = parse_ticks(doc["submittedTimestamp"], self.state.clock) if "submittedTimestamp" in doc else None
+            at = None
+            if "submittedTimestamp" in doc:
+                at = parse_ticks(doc["submittedTimestamp"], self.state.clock)
             job = inst.submit_job(doc.get("operationType", "all"), doc.get("submissionKind", "onDemand"),
                                   ids, doc.get("plan"), doc.get("jobType"), bool(doc.get("downstream")), at)
             return self.api.job_json(job)
@@ -3810,7 +3856,8 @@ class Handler(BaseHTTPRequestHandler):
             ctx.route = handler
             ctx.error_kind = "odata" if handler in _ODATA_ROUTES else "apierror"
             with st.lock:
-                rule = next((r for r in st.faults if r.applies(method, ctx.path, urllib.parse.unquote_plus(raw_query))), None)
+                query = urllib.parse.unquote_plus(raw_query)
+                rule = next((r for r in st.faults if r.applies(method, ctx.path, query)), None)
             if rule is not None:
                 ctx.fault, action = rule.id, rule.action
                 if action.get("delay_ms"):
@@ -3857,7 +3904,17 @@ class Handler(BaseHTTPRequestHandler):
         params = dict(ctx.params)
         if "subscription-key" in params:
             params["subscription-key"] = "<redacted>"      # secrets never reach the log
-        return self.server.state.record({
+        st = self.server.state
+        # Credentials are logged (by id) wherever they were presented, also where no check
+        # looks at them (token endpoint, /_files/): tests prove none went where none belong.
+        if ctx.key is None:
+            key = ctx.headers.get("Ocp-Apim-Subscription-Key") or ctx.params.get("subscription-key")
+            if key:
+                ctx.key = st.keys.get(key, "invalid")
+        if ctx.token is None and bearer_of(ctx):
+            t = st.tokens.get(bearer_of(ctx))
+            ctx.token = t.id if t else "unknown"
+        return st.record({
             "seq": ctx.seq, "time": fmt_ticks(self.server.state.clock.now()), "method": ctx.method,
             "path": ctx.path, "query": params, "route": ctx.route,
             "prefer": ctx.headers.get("Prefer"), "accept": ctx.headers.get("Accept"),
@@ -4125,9 +4182,11 @@ RATE LIMIT  rate N/W: sliding window of W seconds per subscription key (datavers
 
 REQUEST LOG  every API request (not control): seq (also the X-Emulator-Seq reply header), time,
   method, path (decoded), query (decoded; subscription-key redacted), route, prefer, accept,
-  key (primary|secondary|invalid), token (tok-N|unknown), client (token endpoint), status (null
-  for a reset), bytes (body bytes sent), rows, fault (rule id), duration_ms.  Kept in memory
-  (last {cap}) and appended as NDJSON to --log-file.
+  key (primary|secondary|invalid; null if none was presented, on any route), token (tok-N|
+  unknown|null, likewise), client (token endpoint), status (null for a reset), bytes (body
+  bytes sent), rows, fault (rule id), duration_ms.  Kept in memory (last {cap}) and appended
+  as NDJSON to --log-file.  An entry exists before its reply is sent; duration_ms is completed
+  after.
 
 CHOICES WHERE THE CONTRACT IS SILENT
   * The clock starts at real time; manual mode freezes the current time; switching keeps the
@@ -4210,15 +4269,14 @@ def cmd_generate(argv):
     out = sys.stdout.buffer
     if args.format == "csv" and args.header:
         out.write(to_bytes(csv_line({n: n for n in names}, names)))
-    if args.format == "ndjson":
-        def line(i):
-            return gen.json(i) + "\n"
-    else:
-        def line(i):
-            return csv_line(gen.row(i), names)
     end = args.start + args.rows
-    for chunk in range(args.start, end, 10000):
-        out.write(to_bytes("".join([line(i) for i in range(chunk, min(end, chunk + 10000))])))
+    for a in range(args.start, end, 10000):
+        b = min(end, a + 10000)
+        if args.format == "ndjson":
+            text = "\n".join([gen.json(i) for i in range(a, b)]) + "\n"
+        else:
+            text = "".join([csv_line(gen.row(i), names) for i in range(a, b)])
+        out.write(to_bytes(text))
     out.flush()
     return 0
 

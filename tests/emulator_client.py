@@ -42,6 +42,12 @@ Wrappers: ``reset()``, ``settings(**kw)``, ``add_fault(match, action) -> id``, `
 ``request(method, path_or_url, headers=None, body=None, auth=True)`` (raw call; adds the
 subscription key and a bearer token unless auth=False; returns (status, headers, body bytes)).
 
+``token()`` caches the default client's token; ``reset()`` and ``expire_tokens()`` drop the
+cache, ``token(fresh=True)`` bypasses it.  ``stats(name)`` returns {"row_count", "null_counts",
+"sums" (exact, strings), "min", "max" (date columns), "sha256" (of the entity's NDJSON)}.
+``log()`` entries are recorded before the reply is sent, so a request is in the log as soon as
+its response arrives (its duration_ms is completed just after).
+
 The temp dir (CA files, scenario file, emulator stderr) is world-readable (0755 dirs, 0644
 files) because the PostgreSQL server under test runs as user postgres and reads the CA file.
 """
@@ -52,19 +58,17 @@ import shutil
 import signal
 import ssl
 import subprocess
+import sys
 import tempfile
 import threading
 import urllib.error
 import urllib.parse
 import urllib.request
 
-TENANT = "tenant-0001"
-CLIENT_ID = "ciflow-client"
-CLIENT_SECRET = "ciflow-secret-value"
-SCOPE = "https://api.ci.ai.microsoft.com/.default"
-SUB_KEY = "key-primary-0001"
-SUB_KEY2 = "key-secondary-0001"
-INSTANCE_ID = "8b0c9c54-0000-0000-0000-000000000001"
+# The default instance's credentials are defined once, by the emulator itself.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ciemu import (CLIENT_ID, CLIENT_SECRET, INSTANCE_ID, SCOPE, SUB_KEY,  # noqa: E402
+                   SUB_KEY2, TENANT)
 
 PYTHON = "/usr/bin/python3"
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -293,6 +297,7 @@ class Emulator:
         return self.control("POST", "clock", {"advance_s": seconds})
 
     def expire_tokens(self):
+        self._token = None
         return self.control("POST", "tokens/expire", {})
 
     def set_entity(self, name, metadata, rows=None, generate=None):

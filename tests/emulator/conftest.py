@@ -41,9 +41,10 @@ def server():
 @pytest.fixture
 def emu(server):
     server.reset()
+    before = len(server.stderr_text())
     yield server
-    err = server.stderr_text()
-    assert "Traceback" not in err, err
+    err = server.stderr_text()[before:]
+    assert "Traceback" not in err, err          # an emulator bug shows up in the test that hit it
 
 
 class Resp:

@@ -304,3 +304,25 @@ def test_dataverse_change_tracking_limits(dve):
     dve.set_entity("Customer", {"changeTracking": False})
     status, headers, body = dv_get(dve, DV + "msdynci_customerprofiles?$select=CustomerId", prefer="odata.track-changes")
     assert status == 200 and "@odata.deltaLink" not in json.loads(body) and "preference-applied" not in headers
+
+
+def test_files_and_links_on_another_host_name(emu):
+    """files_root / link_root put URLs on another host name of the same emulator, so a client's
+    "never send credentials elsewhere" and "refuse foreign links" rules can be tested."""
+    other = "http://localhost:%d" % emu.port
+    emu.settings(files_root=other, link_root=other, nextlink="absolute")
+    uri = get(emu, DATA + "Customer?proxy=true").json["httpRequests"][0]["uri"]
+    assert uri.startswith(other + "/_files/")
+    link = get(emu, DATA + "Customer?$top=10").json["@odata.nextLink"]
+    assert link.startswith(other + "/v1/")
+    assert get(emu, link).status == 200
+    # The log shows which credentials reached /_files/: none here, the key and token there.
+    assert emu.request("GET", uri, auth=False)[0] == 200
+    clean = emu.log()[-1]
+    assert clean["route"] == "file" and clean["key"] is None and clean["token"] is None
+    assert emu.request("GET", uri)[0] == 200          # the client adds key and bearer
+    leaked = emu.log()[-1]
+    assert leaked["key"] == "primary" and leaked["token"].startswith("tok-")
+    assert emu.settings(files_root="off")["files_root"] == "off"
+    with pytest.raises(Exception):
+        emu.settings(link_root="not a url")
