@@ -168,6 +168,36 @@ FailureDetail(const CiflowRunState *run, SyncPhase phase, const char *detail)
 	return s.data;
 }
 
+/*
+ * Fresh statistics for the planner.  The run has already succeeded, so a
+ * failure here is only a WARNING.
+ */
+static void
+AnalyzeAfterPublish(const CiflowTarget *target, MemoryContext back_to)
+{
+	pgstat_report_activity(STATE_RUNNING, "ciflow sync: analyzing");
+	PG_TRY();
+	{
+		BeginXact();
+		CiflowAnalyzeTarget(target);
+		CommitXact(back_to);
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(back_to);
+		edata = CopyErrorData();
+		FlushErrorState();
+		AbortOutOfAnyTransaction();
+		MemoryContextSwitchTo(back_to);
+		ereport(WARNING,
+				(errmsg("could not analyze %s after the sync: %s",
+						CiflowTargetName(target->schema, target->table), edata->message)));
+	}
+	PG_END_TRY();
+}
+
 void
 CiflowSyncExecute(const CiflowSyncArgs *args, CiflowRunState *run)
 {
@@ -290,9 +320,6 @@ CiflowSyncExecute(const CiflowSyncArgs *args, CiflowRunState *run)
 	PG_END_TRY();
 
 	CiflowUnlockTarget(target);
-	pgstat_report_activity(STATE_RUNNING, "ciflow sync: analyzing");
-	BeginXact();
-	CiflowAnalyzeTarget(target);
-	CommitXact(caller_cxt);
+	AnalyzeAfterPublish(target, caller_cxt);
 	MemoryContextDelete(run_cxt);
 }

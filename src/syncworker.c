@@ -255,7 +255,7 @@ CheckCallerTransaction(const char *schema, const char *table)
 	Oid			nspid = get_namespace_oid(schema, true);
 	Oid			relid = OidIsValid(nspid) ? get_relname_relid(table, nspid) : InvalidOid;
 
-	if (IsTransactionBlock() && TransactionIdIsValid(GetTopTransactionIdIfAny()))
+	if (TransactionIdIsValid(GetTopTransactionIdIfAny()))
 		ereport(ERROR,
 				(errcode(ERRCODE_ACTIVE_SQL_TRANSACTION),
 				 errmsg("ciflow.sync cannot run in a transaction that has already written data"),
