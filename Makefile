@@ -6,6 +6,7 @@ OBJS = \
 	src/connection.o \
 	src/http.o \
 	src/auth.o \
+	src/ratelimit.o \
 	src/request.o \
 	src/odata.o \
 	src/actions.o \

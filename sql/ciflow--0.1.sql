@@ -149,11 +149,19 @@ CREATE TABLE ciflow.sync_runs (
 );
 CREATE INDEX sync_runs_running ON ciflow.sync_runs (target) WHERE status = 'running';
 
+/*
+ * waiting: the run's worker sleeps for a free call slot or a retry delay
+ * (its latch waits are the only 'Extension' waits; a transfer is not one).
+ */
 CREATE VIEW ciflow.sync_progress AS
-    SELECT id AS run_id, connection, entity, target, pages, rows, rows_expected,
-           api_calls AS calls, started_at, clock_timestamp() - started_at AS elapsed
-      FROM ciflow.sync_runs
-     WHERE status = 'running';
+    SELECT r.id AS run_id, r.connection, r.entity, r.target, r.pages, r.rows,
+           r.rows_expected, r.api_calls AS calls,
+           coalesce(a.wait_event_type = 'Extension', false) AS waiting,
+           r.started_at, clock_timestamp() - r.started_at AS elapsed
+      FROM ciflow.sync_runs r
+      LEFT JOIN pg_catalog.pg_stat_activity a
+             ON a.pid = r.pid AND a.backend_type = 'ciflow sync'
+     WHERE r.status = 'running';
 
 CREATE FUNCTION ciflow.sync(
     connection text,

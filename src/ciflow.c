@@ -18,6 +18,7 @@
 
 #include "ciflow.h"
 #include "convert.h"
+#include "ratelimit.h"
 
 PG_MODULE_MAGIC;
 
@@ -98,6 +99,7 @@ _PG_init(void)
 	MarkGUCPrefixReserved("ciflow");
 
 	CiflowJsonUsepalloc();
+	CiflowRateLimitInit();
 }
 
 /*

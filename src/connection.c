@@ -28,6 +28,7 @@
 #include "ciflow.h"
 #include "connection.h"
 #include "http.h"
+#include "ratelimit.h"
 
 PG_FUNCTION_INFO_V1(create_connection);
 PG_FUNCTION_INFO_V1(alter_connection);
@@ -198,7 +199,7 @@ ValidateSettings(ConnValues *cv)
 
 	if (cv->v[ARG_MAX_CALLS] == NULL)
 		cv->v[ARG_MAX_CALLS] = pstrdup("100");
-	(void) IntSetting(cv, ARG_MAX_CALLS, 1, 1000000);
+	(void) IntSetting(cv, ARG_MAX_CALLS, 1, CIFLOW_MAX_CALLS_LIMIT);
 	if (cv->v[ARG_PAGE_SIZE] == NULL)
 		cv->v[ARG_PAGE_SIZE] = pstrdup("100");
 	(void) IntSetting(cv, ARG_PAGE_SIZE, 1, 5000);

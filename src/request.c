@@ -28,6 +28,7 @@
 #include "ciflow.h"
 #include "auth.h"
 #include "http.h"
+#include "ratelimit.h"
 #include "request.h"
 
 #define SERVICE_MESSAGE_MAX 200
@@ -349,6 +350,9 @@ CiflowRequestPerform(const CiflowRequest *req)
 				AddHeader(&t, "Content-Type: application/x-www-form-urlencoded");
 		}
 
+		/* Every attempt is a call: retries count against the limit too. */
+		if (req->api_call)
+			CiflowRateLimitAcquire(conn);
 		if (req->stats)
 		{
 			req->stats->calls++;
