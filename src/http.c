@@ -280,6 +280,8 @@ CiflowParseUrl(const char *url, char **origin)
 
 	if (u == NULL)
 		ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory")));
+
+	/* No user:password@ either: it would end up in ciflow.connections. */
 	if (url != NULL &&
 		strpbrk(url, " \t\r\n") == NULL &&
 		curl_url_set(u, CURLUPART_URL, url, 0) == CURLUE_OK &&
@@ -288,7 +290,6 @@ CiflowParseUrl(const char *url, char **origin)
 		curl_url_get(u, CURLUPART_PORT, &port, CURLU_DEFAULT_PORT) == CURLUE_OK &&
 		(pg_strcasecmp(scheme, "http") == 0 || pg_strcasecmp(scheme, "https") == 0) &&
 		host[0] != '\0' &&
-		/* user:password@ in a URL would end up in ciflow.connections */
 		curl_url_get(u, CURLUPART_USER, &user, 0) == CURLUE_NO_USER)
 	{
 		ok = true;

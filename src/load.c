@@ -28,7 +28,7 @@
 struct CiflowLoader
 {
 	const CiflowShape *shape;
-	TupleDesc	desc;			/* the staging heap's, dropped columns included */
+	TupleDesc	desc;			/* the staging heap's, with dropped columns */
 	int		   *source;			/* per attribute: shape column, or -1 */
 	CiflowConverter *conv;		/* per attribute with a source */
 	TupleTableSlot *slots[LOAD_BATCH];
@@ -57,7 +57,10 @@ CiflowLoaderCreate(const CiflowShape *shape, Relation staging, MemoryContext cxt
 	ld->page_cxt = AllocSetContextCreate(cxt, "ciflow load page",
 										 ALLOCSET_DEFAULT_SIZES);
 
-	/* Columns are matched by name; others (dropped or the user's own) stay NULL. */
+	/*
+	 * Columns are matched by name; others (dropped or the user's own) stay
+	 * NULL.
+	 */
 	for (i = 0; i < ld->desc->natts; i++)
 	{
 		Form_pg_attribute att = TupleDescAttr(ld->desc, i);

@@ -469,7 +469,10 @@ CiflowParseJson(const char *body, size_t len, const char *failmsg)
 	json_error_t jerr;
 	json_t	   *root;
 
-	/* NULs are allowed here and refused, with their own SQLSTATE, by the loader. */
+	/*
+	 * NULs are allowed here and refused, with their own SQLSTATE, by the
+	 * loader.
+	 */
 	root = json_loadb(body, len, JSON_ALLOW_NUL, &jerr);
 	if (root == NULL && strstr(jerr.text, "too big integer") != NULL)
 		ereport(ERROR,

@@ -30,7 +30,7 @@ typedef struct CiflowRequest
 	const char *body;			/* POST body, form-encoded */
 	bool		api_call;		/* send the bearer token and subscription key */
 	const char *prefer;			/* Prefer header value, or NULL */
-	const char *failmsg;			/* primary message of any error (names
+	const char *failmsg;		/* primary message of any error (names
 								 * connection and entity) */
 	const char *detail_prefix;	/* e.g. "Token endpoint: ", or NULL */
 	const char *not_found_hint; /* HINT for a 404, or NULL */

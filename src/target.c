@@ -428,7 +428,10 @@ CiflowPrepareTarget(CiflowTarget *t, const CiflowShape *shape)
 		nspid = get_namespace_oid(t->schema, false);
 	}
 
-	/* The name lock is ours, so anything staged under this name is a dead run's. */
+	/*
+	 * The name lock is ours, so anything staged under this name is a dead
+	 * run's.
+	 */
 	DropTableIfExists(t->schema, NewStagingName(t->table));
 	t->relid = get_relname_relid(t->table, nspid);
 	if (!OidIsValid(t->relid))
