@@ -70,18 +70,29 @@ RefuseNul(const char *s, size_t len)
 				 errdetail("PostgreSQL text cannot hold \\u0000.")));
 }
 
-/* A JSON string in the server encoding (jansson guarantees valid UTF-8). */
+/*
+ * UTF-8 text in the server encoding.  jansson has already validated it, so
+ * a UTF-8 database takes it as it is (per value, on the loading hot path).
+ */
+static char *
+ToServer(const char *s, size_t *len)
+{
+	char	   *conv;
+
+	RefuseNul(s, *len);
+	if (GetDatabaseEncoding() == PG_UTF8)
+		return (char *) s;
+	conv = pg_any_to_server(s, (int) *len, PG_UTF8);
+	if (conv != s)
+		*len = strlen(conv);
+	return conv;
+}
+
 static char *
 ServerString(json_t *value, size_t *len)
 {
-	const char *s = json_string_value(value);
-	size_t		n = json_string_length(value);
-	char	   *conv;
-
-	RefuseNul(s, n);
-	conv = pg_any_to_server(s, (int) n, PG_UTF8);
-	*len = (conv == s) ? n : strlen(conv);
-	return conv;
+	*len = json_string_length(value);
+	return ToServer(json_string_value(value), len);
 }
 
 static char *
@@ -118,7 +129,8 @@ ScalarText(json_t *value)
 
 /*
  * The service sends up to 7 fractional digits; PostgreSQL keeps 6 and would
- * round the 7th, which can move a timestamp across a second.  Truncate.
+ * round the 7th, which can move a timestamp across a second.  Truncates s
+ * in place, so s must be the caller's own copy.
  */
 static char *
 TruncateFraction(char *s)
@@ -183,7 +195,7 @@ CiflowConvert(const CiflowConverter *conv, json_t *value, bool *isnull)
 		case TIMESTAMPTZOID:
 			if (json_is_string(value))
 				return InputFunctionCall((FmgrInfo *) &conv->input,
-										 TruncateFraction(ScalarText(value)),
+										 TruncateFraction(pstrdup(ScalarText(value))),
 										 conv->ioparam, conv->typmod);
 			break;
 		default:
@@ -250,10 +262,9 @@ PushValue(JsonbParseState **state, JsonbIteratorToken tok, json_t *value)
 			JsonbValue	k;
 			size_t		len = strlen(key);
 
-			RefuseNul(key, len);
 			k.type = jbvString;
-			k.val.string.val = pg_any_to_server(key, (int) len, PG_UTF8);
-			k.val.string.len = (int) strlen(k.val.string.val);
+			k.val.string.val = ToServer(key, &len);
+			k.val.string.len = (int) len;
 			(void) pushJsonbValue(state, WJB_KEY, &k);
 			(void) PushValue(state, WJB_VALUE, member);
 		}
