@@ -128,7 +128,9 @@ def main():
         pg.exec_params(
             "SELECT ciflow.create_connection('emu', base_url => $1, instance_id => $2,"
             " token_url => $3, client_id => $4, client_secret => $5,"
-            " subscription_key => $6, page_size => $7)",
+            " subscription_key => $6, page_size => $7,"
+            # Throughput, not the call limit (100 per minute by default), is measured.
+            " max_calls => 6000, per_interval => '1 second')",
             (emu.base_url, INSTANCE_ID, emu.token_url, CLIENT_ID, CLIENT_SECRET, SUB_KEY,
              args.page_size))
         for rows in sizes:
