@@ -16,6 +16,7 @@
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
 
+#include "ciflow.h"
 #include "connection.h"
 #include "convert.h"
 #include "odata.h"
@@ -24,12 +25,6 @@
 PG_FUNCTION_INFO_V1(get_entities);
 PG_FUNCTION_INFO_V1(get_items);
 PG_FUNCTION_INFO_V1(get_item);
-
-static char *
-ArgText(FunctionCallInfo fcinfo, int n)
-{
-	return PG_ARGISNULL(n) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(n));
-}
 
 static void
 RequireArg(const char *value, const char *what)
@@ -79,8 +74,8 @@ RunAction(FunctionCallInfo fcinfo, ActionBody body, const char *failmsg)
 static char *
 ReadFailMessage(FunctionCallInfo fcinfo)
 {
-	char	   *name = ArgText(fcinfo, 0);
-	char	   *entity = ArgText(fcinfo, 1);
+	char	   *name = CiflowTextArg(fcinfo, 0);
+	char	   *entity = CiflowTextArg(fcinfo, 1);
 
 	return psprintf("could not read entity \"%s\" from connection \"%s\"",
 					entity ? entity : "(null)", name ? name : "(null)");
@@ -89,7 +84,7 @@ ReadFailMessage(FunctionCallInfo fcinfo)
 static Datum
 GetEntitiesBody(FunctionCallInfo fcinfo, const char *failmsg)
 {
-	CiflowConnection *conn = CiflowGetConnection(ArgText(fcinfo, 0));
+	CiflowConnection *conn = CiflowGetConnection(CiflowTextArg(fcinfo, 0));
 	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
 	CiflowConverter ts_conv;
 	CiflowConverter jsonb_conv;
@@ -163,8 +158,8 @@ FetchOnePage(const CiflowConnection *conn, const char *entity, const char *query
 static Datum
 GetItemsBody(FunctionCallInfo fcinfo, const char *failmsg)
 {
-	char	   *name = ArgText(fcinfo, 0);
-	char	   *entity = ArgText(fcinfo, 1);
+	char	   *name = CiflowTextArg(fcinfo, 0);
+	char	   *entity = CiflowTextArg(fcinfo, 1);
 	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
 	static const char *const options[] = {NULL, NULL, "$filter", "$select", "$orderby",
 	"$top", "$skip", "$search", "$expand"};
@@ -222,10 +217,10 @@ get_items(PG_FUNCTION_ARGS)
 static Datum
 GetItemBody(FunctionCallInfo fcinfo, const char *failmsg)
 {
-	char	   *name = ArgText(fcinfo, 0);
-	char	   *entity = ArgText(fcinfo, 1);
-	char	   *key_value = ArgText(fcinfo, 2);
-	char	   *key_name = PG_ARGISNULL(3) ? pstrdup("CustomerId") : ArgText(fcinfo, 3);
+	char	   *name = CiflowTextArg(fcinfo, 0);
+	char	   *entity = CiflowTextArg(fcinfo, 1);
+	char	   *key_value = CiflowTextArg(fcinfo, 2);
+	char	   *key_name = PG_ARGISNULL(3) ? pstrdup("CustomerId") : CiflowTextArg(fcinfo, 3);
 	CiflowConnection *conn;
 	StringInfoData literal;
 	StringInfoData query;

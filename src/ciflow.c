@@ -14,6 +14,7 @@
 #include "catalog/pg_authid.h"
 #include "fmgr.h"
 #include "miscadmin.h"
+#include "utils/builtins.h"
 #include "utils/guc.h"
 
 #include "ciflow.h"
@@ -24,15 +25,8 @@ PG_MODULE_MAGIC;
 
 void		_PG_init(void);
 
-CiflowSettings ciflow_settings = {
-	.connect_timeout_ms = 10000,
-	.request_timeout_ms = 60000,
-	.max_response_kb = 65536,
-	.max_attempts = 5,
-	.retry_base_delay_ms = 1000,
-	.max_retry_after_s = 120,
-	.max_pages = 1000000,
-};
+/* Filled in by the GUCs below: their boot values are the defaults. */
+CiflowSettings ciflow_settings;
 
 void
 _PG_init(void)
@@ -132,6 +126,12 @@ CiflowFreeSecret(char *s)
 		explicit_bzero(s, strlen(s));
 		pfree(s);
 	}
+}
+
+char *
+CiflowTextArg(FunctionCallInfo fcinfo, int n)
+{
+	return PG_ARGISNULL(n) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(n));
 }
 
 bool

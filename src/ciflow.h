@@ -11,6 +11,8 @@
 
 #include "postgres.h"
 
+#include "fmgr.h"
+
 /*
  * Every GUC of ciflow lives in one struct so that a sync can hand the
  * caller's values to the background worker that runs it in one copy.
@@ -40,6 +42,9 @@ extern void CiflowRestoreUser(const CiflowSavedUser *saved);
 
 /* Wipes a palloc'd string that held a secret, then frees it (NULL is fine). */
 extern void CiflowFreeSecret(char *s);
+
+/* Argument n of a SQL-callable function as a C string, or NULL. */
+extern char *CiflowTextArg(FunctionCallInfo fcinfo, int n);
 
 /* Lower-case letters, digits and underscores, not starting with a digit. */
 extern bool CiflowIsSimpleName(const char *name);

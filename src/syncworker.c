@@ -338,12 +338,6 @@ RunRow(FunctionCallInfo fcinfo, const SyncShared *sh, const char *target)
 	return HeapTupleGetDatum(heap_form_tuple(desc, values, nulls));
 }
 
-static char *
-ArgText(FunctionCallInfo fcinfo, int n)
-{
-	return PG_ARGISNULL(n) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(n));
-}
-
 Datum
 ciflow_sync(PG_FUNCTION_ARGS)
 {
@@ -356,11 +350,11 @@ ciflow_sync(PG_FUNCTION_ARGS)
 
 	MemoryContext cxt = CurrentMemoryContext;
 
-	strings[STR_CONNECTION] = ArgText(fcinfo, 0);
-	strings[STR_ENTITY] = ArgText(fcinfo, 1);
-	strings[STR_FILTER] = ArgText(fcinfo, 3);
-	strings[STR_FIELDS] = ArgText(fcinfo, 4);
-	strings[STR_MODE] = PG_ARGISNULL(5) ? "full" : ArgText(fcinfo, 5);
+	strings[STR_CONNECTION] = CiflowTextArg(fcinfo, 0);
+	strings[STR_ENTITY] = CiflowTextArg(fcinfo, 1);
+	strings[STR_FILTER] = CiflowTextArg(fcinfo, 3);
+	strings[STR_FIELDS] = CiflowTextArg(fcinfo, 4);
+	strings[STR_MODE] = PG_ARGISNULL(5) ? "full" : CiflowTextArg(fcinfo, 5);
 
 	/* Unknown connections and bad arguments fail here, before any worker. */
 	PG_TRY();
@@ -377,7 +371,7 @@ ciflow_sync(PG_FUNCTION_ARGS)
 					 errhint("Use 'full' or 'incremental'.")));
 		(void) CiflowGetConnection(strings[STR_CONNECTION]);
 		CiflowResolveTarget(strings[STR_CONNECTION], strings[STR_ENTITY],
-							ArgText(fcinfo, 2), &schema, &table);
+							CiflowTextArg(fcinfo, 2), &schema, &table);
 		CheckCallerTransaction(schema, table);
 	}
 	PG_CATCH();

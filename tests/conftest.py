@@ -155,6 +155,19 @@ def make_connection(ciflow_db, emulator_server):
 
 
 @pytest.fixture
+def private_ciflow(emulator):
+    """A cluster of the test's own (for crashes and restarts that would end
+    every session of the shared one), with ciflow, the connection 'emu' to
+    the test's emulator, and emu.customer synced once."""
+    with PgCluster() as pg:
+        pg.sql("CREATE EXTENSION ciflow")
+        query, params = create_connection_sql("emu", connection_args(emulator))
+        pg.sql(query, params)
+        pg.sql("SELECT * FROM ciflow.sync('emu', 'Customer')")
+        yield pg
+
+
+@pytest.fixture
 def ci_connection(make_connection, emulator):
     """The connection 'emu' on a freshly reset plain emulator."""
     return make_connection(CONNECTION_NAME, emulator)

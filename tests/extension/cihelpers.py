@@ -14,6 +14,8 @@ import json
 import re
 import uuid
 
+from contextlib import contextmanager
+
 import psycopg2
 import pytest
 
@@ -395,3 +397,16 @@ def sync(db, connection, entity, conn=None, **kwargs):
 
 def regclass_of(db, name):
     return db.sql("SELECT to_regclass(%s)::oid", (name,))[0][0]
+
+
+@contextmanager
+def session(db, settings):
+    """One connection with session settings applied (SET name = value); closed after."""
+    conn = db.connect()
+    try:
+        with conn.cursor() as cur:
+            for name, value in settings.items():
+                cur.execute("SELECT set_config(%s, %s, false)", (name, str(value)))
+        yield conn
+    finally:
+        conn.close()

@@ -16,7 +16,8 @@ import pytest
 
 from harness import free_port
 from extension.cihelpers import (assert_http_detail, assert_names, data_requests, last_seq,
-                                 raises_sqlstate, regclass_of, run_row, sync, table_md5)
+                                 raises_sqlstate, regclass_of, run_row, session, sync,
+                                 table_md5)
 
 ENTITY = "Customer"
 QUERY_SKIP = r"(\$|%24)skip=100(&|$)"
@@ -146,17 +147,13 @@ def test_nothing_listening(ciflow_db, make_connection, emulator):
 
 
 def test_response_over_max_response_size(ciflow_db, ci_connection, emulator):
-    conn = ciflow_db.connect()
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SET ciflow.max_response_size = 1")  # kB; a page of 100 is far more
-            with raises_sqlstate("54000") as err:
-                cur.execute("SELECT * FROM ciflow.get_items('emu', 'Customer', top => 100)")
-            assert_names(err, "emu", ENTITY)
-            # Small answers still fit.
-            cur.execute("SELECT ciflow.get_item('emu', 'Customer', 'nobody')")
-    finally:
-        conn.close()
+    # 1 kB: a page of 100 customers is far more.
+    with session(ciflow_db, {"ciflow.max_response_size": 1}) as conn, conn.cursor() as cur:
+        with raises_sqlstate("54000") as err:
+            cur.execute("SELECT * FROM ciflow.get_items('emu', 'Customer', top => 100)")
+        assert_names(err, "emu", ENTITY)
+        # Small answers still fit.
+        cur.execute("SELECT ciflow.get_item('emu', 'Customer', 'nobody')")
 
 
 BAD_VALUES = [

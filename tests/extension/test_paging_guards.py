@@ -19,7 +19,7 @@ import threading
 import pytest
 
 from extension.cihelpers import (assert_names, data_requests, last_seq, raises_sqlstate,
-                                 run_row, sync, table_md5)
+                                 session, sync, table_md5)
 
 ENTITY = "Customer"
 
@@ -125,13 +125,8 @@ def test_server_ignoring_skip_is_an_error(ciflow_db, emulator, synced):
 
 def test_max_pages_stops_a_pull(ciflow_db, emulator, synced):
     md5, _ = synced
-    conn = ciflow_db.connect()
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SET ciflow.max_pages = 2")
-            with raises_sqlstate("54000") as err:
-                cur.execute("SELECT * FROM ciflow.sync('emu', 'Customer')")
-    finally:
-        conn.close()
+    with session(ciflow_db, {"ciflow.max_pages": 2}) as conn, conn.cursor() as cur:
+        with raises_sqlstate("54000") as err:
+            cur.execute("SELECT * FROM ciflow.sync('emu', 'Customer')")
     assert "ciflow.max_pages" in err.detail, err
     assert_failed_and_untouched(ciflow_db, err, md5)

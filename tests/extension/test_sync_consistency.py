@@ -21,7 +21,7 @@ import psycopg2
 import pytest
 
 from extension.cihelpers import (assert_names, data_requests, last_seq, query_of, raises_sqlstate,
-                                 run_row, sync, table_md5, assert_table_matches_emulator)
+                                 run_row, session, sync, table_md5, assert_table_matches_emulator)
 
 ENTITY = "Paged"
 TABLE = "emu.paged"
@@ -120,15 +120,9 @@ def test_persistent_fault_on_page_k_fails_and_keeps_old_contents(ciflow_db, emul
                         "every": 1},
                        {"status": 500, "body": "apierror"})
     seq = last_seq(emulator)
-    conn = ciflow_db.connect()
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SET ciflow.max_attempts = 2")
-            cur.execute("SET ciflow.retry_base_delay = 10")
+    with session(ciflow_db, {"ciflow.max_attempts": 2, "ciflow.retry_base_delay": 10}) as conn:
         with raises_sqlstate("08006") as err:
             sync(ciflow_db, "emu", ENTITY, conn=conn)
-    finally:
-        conn.close()
     assert_names(err, "emu", ENTITY)
     # Pages count from 1: $skip=200 with 100-row pages is page 3.
     m = re.match(r"Run (\d+), page (\d+)\b", err.detail or "")

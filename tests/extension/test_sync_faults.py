@@ -16,10 +16,9 @@ import time
 
 import pytest
 
-from harness import PgCluster, wait_for
-from extension.cihelpers import (connection_args, create_connection_sql, data_requests,
-                                 is_token_request, last_seq, raises_sqlstate, sync,
-                                 table_md5)
+from harness import wait_for
+from extension.cihelpers import (data_requests, is_token_request, last_seq, raises_sqlstate,
+                                 session, sync, table_md5)
 
 PAGE_3 = {"method": "GET", "path": "/data/Customer$", "query": r"(\$|%24)skip=200(&|$)"}
 
@@ -44,15 +43,10 @@ def test_token_expiring_mid_pull_is_renewed_once(ciflow_db, ci_connection, emula
 def test_retry_after_is_honoured(ciflow_db, ci_connection, emulator):
     emulator.add_fault(dict(PAGE_3, nth=1, times=2),
                        {"status": 429, "body": "gateway", "headers": {"Retry-After": "1"}})
-    conn = ciflow_db.connect()
     started = time.monotonic()
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SET ciflow.max_attempts = 3")
-            cur.execute("SELECT status, rows, retries FROM ciflow.sync('emu', 'Customer')")
-            run = cur.fetchone()
-    finally:
-        conn.close()
+    with session(ciflow_db, {"ciflow.max_attempts": 3}) as conn, conn.cursor() as cur:
+        cur.execute("SELECT status, rows, retries FROM ciflow.sync('emu', 'Customer')")
+        run = cur.fetchone()
     assert run == ("succeeded", 250, 2), run
     # Two waits of Retry-After: 1 second each (a lower bound, never an upper one).
     assert time.monotonic() - started >= 2.0
@@ -69,30 +63,15 @@ def test_request_timeout_fails_cleanly(ciflow_db, ci_connection, emulator):
     sync(ciflow_db, "emu", "Customer")
     before = table_md5(ciflow_db, "emu.customer")
     emulator.add_fault(PAGE_3, {"delay_ms": 3000})
-    conn = ciflow_db.connect()
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SET ciflow.request_timeout = '300ms'")
-            with raises_sqlstate("08006") as err:
-                cur.execute("SELECT * FROM ciflow.sync('emu', 'Customer')")
-    finally:
-        conn.close()
+    with session(ciflow_db, {"ciflow.request_timeout": "300ms"}) as conn, conn.cursor() as cur:
+        with raises_sqlstate("08006") as err:
+            cur.execute("SELECT * FROM ciflow.sync('emu', 'Customer')")
     assert "page 3" in err.detail and "Timed out after 2 attempts" in err.detail, err
     assert table_md5(ciflow_db, "emu.customer") == before
 
 
-@pytest.fixture
-def own_cluster():
-    with PgCluster() as pg:
-        pg.sql("CREATE EXTENSION ciflow")
-        yield pg
-
-
-def test_server_restart_mid_sync_records_the_failure(own_cluster, emulator):
-    pg = own_cluster
-    query, params = create_connection_sql("emu", connection_args(emulator))
-    pg.sql(query, params)
-    pg.sql("SELECT * FROM ciflow.sync('emu', 'Customer')")
+def test_server_restart_mid_sync_records_the_failure(private_ciflow, emulator):
+    pg = private_ciflow
     before = table_md5(pg, "emu.customer")
     emulator.add_fault(PAGE_3, {"delay_ms": 8000})
 

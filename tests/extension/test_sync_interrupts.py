@@ -14,11 +14,8 @@ import signal
 import threading
 import time
 
-import pytest
-
-from harness import PgCluster, wait_for
-from extension.cihelpers import (connection_args, create_connection_sql, raises_sqlstate,
-                                 sync, table_md5)
+from harness import wait_for
+from extension.cihelpers import raises_sqlstate, session, sync, table_md5
 
 # Page 3 (the one asking $skip=200) answers only after this long.
 SLOW_PAGE = {"delay_ms": 8000}
@@ -39,15 +36,10 @@ def test_cancel_stops_the_worker_and_records_the_run(ciflow_db, ci_connection, e
     before = table_md5(ciflow_db, "emu.customer")
     emulator.add_fault(SLOW_MATCH, SLOW_PAGE)
 
-    conn = ciflow_db.connect()
     started = time.monotonic()
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SET statement_timeout = '1500ms'")
-            with raises_sqlstate("57014"):
-                cur.execute("SELECT * FROM ciflow.sync('emu', 'Customer')")
-    finally:
-        conn.close()
+    with session(ciflow_db, {"statement_timeout": "1500ms"}) as conn, conn.cursor() as cur:
+        with raises_sqlstate("57014"):
+            cur.execute("SELECT * FROM ciflow.sync('emu', 'Customer')")
     # Cancelled at the timeout, not after the slow page answered.
     assert time.monotonic() - started < 6
 
@@ -59,18 +51,8 @@ def test_cancel_stops_the_worker_and_records_the_run(ciflow_db, ci_connection, e
     assert table_md5(ciflow_db, "emu.customer") == before
 
 
-@pytest.fixture
-def own_cluster():
-    with PgCluster() as pg:
-        pg.sql("CREATE EXTENSION ciflow")
-        yield pg
-
-
-def test_killed_worker_is_cleaned_up_by_the_next_sync(own_cluster, emulator):
-    pg = own_cluster
-    query, params = create_connection_sql("emu", connection_args(emulator))
-    pg.sql(query, params)
-    pg.sql("SELECT * FROM ciflow.sync('emu', 'Customer')")
+def test_killed_worker_is_cleaned_up_by_the_next_sync(private_ciflow, emulator):
+    pg = private_ciflow
     before = table_md5(pg, "emu.customer")
     emulator.add_fault(SLOW_MATCH, SLOW_PAGE)
 

@@ -15,7 +15,7 @@ import uuid
 import pytest
 
 from extension.cihelpers import (dict_rows, pg_type_for, primary_key_columns, regclass_of,
-                                 run_row, snake, sync, table_columns)
+                                 run_row, session, snake, sync, table_columns)
 
 # One attribute per Edm type of A.3, plus one the contract does not know.
 ZOO_ATTRIBUTES = [
@@ -133,13 +133,8 @@ def test_explicit_qualified_target(ciflow_db, zoo):
 
 def test_explicit_unqualified_target_follows_search_path(ciflow_db, zoo):
     ciflow_db.sql("CREATE SCHEMA work")
-    conn = ciflow_db.connect()
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SET search_path = work, public")
+    with session(ciflow_db, {"search_path": "work, public"}) as conn:
         run = sync(ciflow_db, "emu", "TypeZoo", conn=conn, target="zoo_plain")
-    finally:
-        conn.close()
     assert run["status"] == "succeeded"
     assert regclass_of(ciflow_db, run["target"]) == regclass_of(ciflow_db, "work.zoo_plain")
     assert regclass_of(ciflow_db, "public.zoo_plain") is None
