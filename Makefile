@@ -3,6 +3,7 @@
 MODULE_big = ciflow
 OBJS = \
 	src/ciflow.o \
+	src/catalog.o \
 	src/connection.o \
 	src/http.o \
 	src/auth.o \
@@ -19,7 +20,7 @@ OBJS = \
 	src/syncworker.o
 
 EXTENSION = ciflow
-DATA = sql/ciflow--0.1.sql
+DATA = sql/ciflow--0.1.sql sql/ciflow--0.1--0.2.sql sql/ciflow--0.2.sql
 PGFILEDESC = "ciflow - Dynamics 365 Customer Insights in PostgreSQL"
 
 # The regression tests need the emulator: tests/extension/test_regress.py runs
@@ -29,8 +30,12 @@ REGRESS = connections actions errors
 PG_CONFIG ?= pg_config
 
 # Server headers are system headers here, so -Wextra judges only ciflow's code.
-PG_CPPFLAGS = -I$(srcdir)/src -isystem $(shell $(PG_CONFIG) --includedir-server) $(shell curl-config --cflags)
-PG_CFLAGS = -Wall -Wextra
+# Hidden visibility: the library exports only what PGDLLEXPORT marks (the
+# magic block, _PG_init, the ciflow_* SQL functions and worker entry points),
+# so no symbol of ours can clash with another library's.
+PG_CPPFLAGS = -I$(srcdir)/src -isystem $(shell $(PG_CONFIG) --includedir-server) $(shell curl-config --cflags) \
+	'-DPGDLLEXPORT=__attribute__((visibility("default")))'
+PG_CFLAGS = -Wall -Wextra -fvisibility=hidden
 SHLIB_LINK = $(shell curl-config --libs) -ljansson
 
 PGXS := $(shell $(PG_CONFIG) --pgxs)

@@ -70,7 +70,7 @@ CREATE FUNCTION ciflow.create_connection(
     ca_file          text     DEFAULT NULL)
 RETURNS void
 LANGUAGE C CALLED ON NULL INPUT VOLATILE
-AS 'MODULE_PATHNAME', 'create_connection';
+AS 'MODULE_PATHNAME', 'ciflow_create_connection';
 
 CREATE FUNCTION ciflow.alter_connection(
     name             text,
@@ -89,19 +89,19 @@ CREATE FUNCTION ciflow.alter_connection(
     ca_file          text     DEFAULT NULL)
 RETURNS void
 LANGUAGE C CALLED ON NULL INPUT VOLATILE
-AS 'MODULE_PATHNAME', 'alter_connection';
+AS 'MODULE_PATHNAME', 'ciflow_alter_connection';
 
 CREATE FUNCTION ciflow.drop_connection(name text, if_exists boolean DEFAULT false)
 RETURNS void
 LANGUAGE C CALLED ON NULL INPUT VOLATILE
-AS 'MODULE_PATHNAME', 'drop_connection';
+AS 'MODULE_PATHNAME', 'ciflow_drop_connection';
 
 /* Actions: one call to the service, answered in the calling session. */
 CREATE FUNCTION ciflow.get_entities(connection text)
 RETURNS TABLE (name text, qualified_name text, entity_type text, data_source text,
                attributes jsonb, keys jsonb, refreshed_at timestamptz)
 LANGUAGE C STRICT VOLATILE
-AS 'MODULE_PATHNAME', 'get_entities';
+AS 'MODULE_PATHNAME', 'ciflow_get_entities';
 
 CREATE FUNCTION ciflow.get_items(
     connection text,
@@ -115,7 +115,7 @@ CREATE FUNCTION ciflow.get_items(
     expand     text    DEFAULT NULL)
 RETURNS SETOF jsonb
 LANGUAGE C CALLED ON NULL INPUT VOLATILE
-AS 'MODULE_PATHNAME', 'get_items';
+AS 'MODULE_PATHNAME', 'ciflow_get_items';
 
 CREATE FUNCTION ciflow.get_item(
     connection text,
@@ -124,7 +124,7 @@ CREATE FUNCTION ciflow.get_item(
     key_name   text DEFAULT 'CustomerId')
 RETURNS jsonb
 LANGUAGE C CALLED ON NULL INPUT VOLATILE
-AS 'MODULE_PATHNAME', 'get_item';
+AS 'MODULE_PATHNAME', 'ciflow_get_item';
 
 /* Sync runs: one row per ciflow.sync, written in short transactions of their own. */
 CREATE TABLE ciflow.sync_runs (

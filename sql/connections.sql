@@ -118,10 +118,25 @@ SELECT name FROM ciflow.connections;
 SELECT ciflow.create_connection('x', base_url => 'https://x.example/v1', flavor => 'odata');
 SELECT ciflow.drop_connection('contoso');
 RESET ROLE;
+-- A reader sees only the connections it may use, and never their secrets.
 SET ROLE ciflow_regress_reader;
 SELECT name, has_client_secret, has_subscription_key FROM ciflow.connections ORDER BY name;
+RESET ROLE;
+SELECT ciflow.grant_connection('contoso', 'ciflow_regress_reader');
+SELECT ciflow.grant_connection('contoso', 'ciflow_regress_reader');  -- again: no error
+SET ROLE ciflow_regress_reader;
+SELECT name, has_client_secret, has_subscription_key, owner FROM ciflow.connections ORDER BY name;
 SELECT * FROM ciflow.connection_secrets;
 SELECT * FROM ciflow.connection_settings;
+SELECT * FROM ciflow.connection_grants;
+SELECT ciflow.grant_connection('contoso', 'ciflow_regress_nobody');
+RESET ROLE;
+SELECT ciflow.revoke_connection('contoso', 'ciflow_regress_reader');
+SELECT ciflow.revoke_connection('contoso', 'ciflow_regress_reader');  -- NOTICE
+SELECT ciflow.grant_connection('nosuch', 'ciflow_regress_reader');
+SELECT ciflow.grant_connection('contoso', 'no_such_role');
+SET ROLE ciflow_regress_reader;
+SELECT count(*) AS after_revoke FROM ciflow.connections;
 RESET ROLE;
 
 -- Dropping removes the secrets too.

@@ -22,9 +22,9 @@
 #include "odata.h"
 #include "request.h"
 
-PG_FUNCTION_INFO_V1(get_entities);
-PG_FUNCTION_INFO_V1(get_items);
-PG_FUNCTION_INFO_V1(get_item);
+CIFLOW_SQL_FUNCTION(ciflow_get_entities);
+CIFLOW_SQL_FUNCTION(ciflow_get_items);
+CIFLOW_SQL_FUNCTION(ciflow_get_item);
 
 static void
 RequireArg(const char *value, const char *what)
@@ -33,6 +33,26 @@ RequireArg(const char *value, const char *what)
 		ereport(ERROR,
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
 				 errmsg("%s must not be null or empty", what)));
+}
+
+/*
+ * OData's SimpleIdentifier: it goes into $filter as is, so anything else
+ * could change the filter's meaning.  Bytes >= 0x80 are taken as letters.
+ */
+static bool
+IsODataIdentifier(const char *s)
+{
+	const unsigned char *p = (const unsigned char *) s;
+
+	if (!(*p == '_' || (*p >= 'A' && *p <= 'Z') || (*p >= 'a' && *p <= 'z') || *p >= 0x80))
+		return false;
+	for (p++; *p; p++)
+	{
+		if (!(*p == '_' || (*p >= 'A' && *p <= 'Z') || (*p >= 'a' && *p <= 'z') ||
+			  (*p >= '0' && *p <= '9') || *p >= 0x80))
+			return false;
+	}
+	return strlen(s) <= 128;
 }
 
 static json_t *
@@ -135,7 +155,7 @@ GetEntitiesBody(FunctionCallInfo fcinfo, const char *failmsg)
 }
 
 Datum
-get_entities(PG_FUNCTION_ARGS)
+ciflow_get_entities(PG_FUNCTION_ARGS)
 {
 	return RunAction(fcinfo, GetEntitiesBody,
 					 psprintf("could not list the entities of connection \"%s\"",
@@ -209,7 +229,7 @@ GetItemsBody(FunctionCallInfo fcinfo, const char *failmsg)
 }
 
 Datum
-get_items(PG_FUNCTION_ARGS)
+ciflow_get_items(PG_FUNCTION_ARGS)
 {
 	return RunAction(fcinfo, GetItemsBody, ReadFailMessage(fcinfo));
 }
@@ -230,6 +250,12 @@ GetItemBody(FunctionCallInfo fcinfo, const char *failmsg)
 	RequireArg(name, "connection");
 	RequireArg(entity, "entity");
 	RequireArg(key_name, "key_name");
+	if (!IsODataIdentifier(key_name))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("invalid key_name \"%s\"", key_name),
+				 errdetail("key_name is an attribute name: a letter or _, then letters, digits and _, at most 128 characters."),
+				 errhint("Use ciflow.get_items with filter => ... for anything else.")));
 	conn = CiflowGetConnection(name);
 
 	/* An OData string literal: quotes doubled. */
@@ -256,7 +282,7 @@ GetItemBody(FunctionCallInfo fcinfo, const char *failmsg)
 }
 
 Datum
-get_item(PG_FUNCTION_ARGS)
+ciflow_get_item(PG_FUNCTION_ARGS)
 {
 	/* No key, no row, and no call. */
 	if (PG_ARGISNULL(2))

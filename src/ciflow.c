@@ -11,7 +11,6 @@
 
 #include <curl/curl.h>
 
-#include "catalog/pg_authid.h"
 #include "fmgr.h"
 #include "miscadmin.h"
 #include "utils/builtins.h"
@@ -23,7 +22,7 @@
 
 PG_MODULE_MAGIC;
 
-void		_PG_init(void);
+PGDLLEXPORT void _PG_init(void);
 
 /* Filled in by the GUCs below: their boot values are the defaults. */
 CiflowSettings ciflow_settings;
@@ -56,10 +55,10 @@ _PG_init(void)
 							NULL, NULL, NULL);
 	DefineCustomIntVariable("ciflow.max_response_size",
 							"Largest response body accepted from the service.",
-							"One page must fit: a sync holds one page in memory at a time.",
+							"One page must fit: a sync holds one page in memory at a time.  Superusers only: a huge value would let any role exhaust the server's memory.",
 							&ciflow_settings.max_response_kb,
 							65536, 1, 1048576,
-							PGC_USERSET, GUC_UNIT_KB,
+							PGC_SUSET, GUC_UNIT_KB,
 							NULL, NULL, NULL);
 	DefineCustomIntVariable("ciflow.max_attempts",
 							"Attempts per request before a retryable failure becomes an error.",
@@ -96,25 +95,15 @@ _PG_init(void)
 	CiflowRateLimitInit();
 }
 
-/*
- * ciflow's catalog tables are readable by nobody but superusers, yet any
- * role granted EXECUTE on ciflow's functions must be able to use a
- * connection.  The C code therefore switches to the bootstrap superuser
- * around its own catalog SQL, the way RI triggers act as the table owner.
- * SECURITY_LOCAL_USERID_CHANGE keeps SET ROLE and friends from seeing it.
- */
 void
-CiflowBecomeOwner(CiflowSavedUser *saved)
+CiflowRefuseRestricted(void)
 {
-	GetUserIdAndSecContext(&saved->userid, &saved->sec_context);
-	SetUserIdAndSecContext(BOOTSTRAP_SUPERUSERID,
-						   saved->sec_context | SECURITY_LOCAL_USERID_CHANGE);
-}
-
-void
-CiflowRestoreUser(const CiflowSavedUser *saved)
-{
-	SetUserIdAndSecContext(saved->userid, saved->sec_context);
+	if (InSecurityRestrictedOperation())
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("ciflow cannot be used within a security-restricted operation"),
+				 errdetail("Index expressions, materialized view refreshes and maintenance commands run as another role than the one that issued them."),
+				 errhint("Call ciflow directly, not from such an expression.")));
 }
 
 /* Secrets are wiped, not just freed, so no copy lingers in freed memory. */

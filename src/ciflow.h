@@ -1,8 +1,7 @@
 /*-------------------------------------------------------------------------
  *
  * ciflow.h
- *	  Settings shared by every part of ciflow, and the privilege switch used
- *	  to touch ciflow's own catalog tables.
+ *	  Settings shared by every part of ciflow, and small helpers.
  *
  *-------------------------------------------------------------------------
  */
@@ -30,15 +29,21 @@ typedef struct CiflowSettings
 
 extern CiflowSettings ciflow_settings;
 
-/* Run SQL on ciflow's catalog tables as their owner, whoever the caller is. */
-typedef struct CiflowSavedUser
-{
-	Oid			userid;
-	int			sec_context;
-} CiflowSavedUser;
+/*
+ * Declares a SQL-callable function.  The library is built with hidden
+ * visibility: these, the magic block, _PG_init and the worker's entry point
+ * are all it exports, and all are named ciflow_*.
+ */
+#define CIFLOW_SQL_FUNCTION(name) \
+	extern PGDLLEXPORT Datum name(PG_FUNCTION_ARGS); \
+	PG_FUNCTION_INFO_V1(name)
 
-extern void CiflowBecomeOwner(CiflowSavedUser *saved);
-extern void CiflowRestoreUser(const CiflowSavedUser *saved);
+/*
+ * Refuses to work inside a security-restricted operation (an index
+ * expression, REFRESH MATERIALIZED VIEW, maintenance as a table's owner):
+ * a call to the service there would run as someone the caller chose.
+ */
+extern void CiflowRefuseRestricted(void);
 
 /* Wipes a palloc'd string that held a secret, then frees it (NULL is fine). */
 extern void CiflowFreeSecret(char *s);

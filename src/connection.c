@@ -4,12 +4,22 @@
  *	  Connections: create_connection, alter_connection, drop_connection,
  *	  and reading a connection (secrets included) for the request path.
  *
- *	  Settings and secrets live in ciflow.connection_settings and
- *	  ciflow.connection_secrets, which only superusers can read; this file
- *	  reads and writes them as their owner, with the values as SPI
- *	  parameters so that no secret is ever part of a query text.  Errors
- *	  raised here hide the calling statement, which may hold secrets, from
- *	  the server log.
+ *	  Settings, secrets and grants live in ciflow.connection_settings,
+ *	  connection_secrets and connection_grants, which only superusers can
+ *	  read; catalog.c reads them by relation scans and writes them as the
+ *	  extension's owner, with the values as parameters so that no secret is
+ *	  ever part of a statement's text.  Errors raised here hide the calling
+ *	  statement, which may hold secrets, from the server log.
+ *
+ *	  Using a connection is a privilege: its owner, the roles granted it
+ *	  (and their members) and superusers have it.  Altering, dropping and
+ *	  granting belong to the owner and superusers.  A connection's secrets
+ *	  go only to the host they were given for: changing base_url, token_url
+ *	  or ca_file needs them again in the same call.
+ *
+ *	  A connection read for the request path lives in a memory context of
+ *	  its own whose reset callback wipes the secrets, so that an error
+ *	  anywhere (the context goes with the transaction) wipes them too.
  *
  *-------------------------------------------------------------------------
  */
@@ -18,21 +28,25 @@
 #include <unistd.h>
 
 #include "catalog/pg_type.h"
-#include "executor/spi.h"
 #include "fmgr.h"
+#include "miscadmin.h"
+#include "utils/acl.h"
 #include "utils/builtins.h"
 #include "utils/datetime.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 
+#include "catalog.h"
 #include "ciflow.h"
 #include "connection.h"
 #include "http.h"
 #include "ratelimit.h"
 
-PG_FUNCTION_INFO_V1(create_connection);
-PG_FUNCTION_INFO_V1(alter_connection);
-PG_FUNCTION_INFO_V1(drop_connection);
+CIFLOW_SQL_FUNCTION(ciflow_create_connection);
+CIFLOW_SQL_FUNCTION(ciflow_alter_connection);
+CIFLOW_SQL_FUNCTION(ciflow_drop_connection);
+CIFLOW_SQL_FUNCTION(ciflow_grant_connection);
+CIFLOW_SQL_FUNCTION(ciflow_revoke_connection);
 
 /* The SQL functions' argument positions, which are also the settings. */
 typedef enum ConnArg
@@ -66,14 +80,22 @@ static const char *const flavor_names[] = {"customer_insights", "dataverse", "od
 
 /*
  * One connection's settings as text (NULL = not set), the form in which
- * they are read, merged, validated and written.
+ * they are read, merged, validated and written, and its owner.
  */
 typedef struct ConnValues
 {
 	char	   *v[NUM_CONN_ARGS];
+	Oid			owner;
 } ConnValues;
 
-static SPIPlanPtr load_plan = NULL;
+/* The secrets among the settings, in the order they are checked. */
+static const ConnArg secret_args[] = {ARG_CLIENT_SECRET, ARG_SUBSCRIPTION_KEY, ARG_BEARER_TOKEN};
+
+/* Settings that say where secrets go: changing one needs the secrets again. */
+static const ConnArg destination_args[] = {ARG_BASE_URL, ARG_TOKEN_URL, ARG_CA_FILE};
+
+/* The longest per_interval: a longer one would stall every caller for good. */
+#define MAX_PER_INTERVAL_MS ((int64) 24 * 60 * 60 * 1000)
 
 static void
 ConnError(const char *name, int sqlstate, const char *msg, const char *hint)
@@ -85,6 +107,10 @@ ConnError(const char *name, int sqlstate, const char *msg, const char *hint)
 			 errhidestmt(true)));
 }
 
+/*
+ * A connection's name is also the default schema of its syncs, so it must
+ * be one a schema may have.
+ */
 static void
 CheckConnectionName(const char *name)
 {
@@ -93,6 +119,14 @@ CheckConnectionName(const char *name)
 				(errcode(ERRCODE_INVALID_NAME),
 				 errmsg("invalid connection name \"%s\"", name ? name : "(null)"),
 				 errdetail("A connection name is a lowercase identifier: a-z, 0-9 and _, not starting with a digit, at most 63 bytes."),
+				 errhidestmt(true)));
+	if (strncmp(name, "pg_", 3) == 0 || strcmp(name, "ciflow") == 0 ||
+		strcmp(name, "information_schema") == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_RESERVED_NAME),
+				 errmsg("connection name \"%s\" is reserved", name),
+				 errdetail("Syncs of a connection go into the schema named after it, and \"%s\" cannot be such a schema.",
+						   name),
 				 errhidestmt(true)));
 }
 
@@ -136,6 +170,22 @@ IntervalMs(const char *text)
 		((int64) iv->day + (int64) iv->month * DAYS_PER_MONTH) * (USECS_PER_DAY / 1000);
 }
 
+/* An http(s) URL without a query, a fragment or dot segments. */
+static void
+CheckServiceUrl(const ConnValues *cv, ConnArg arg, char **origin, const char *hint)
+{
+	const char *url = cv->v[arg];
+
+	if (url == NULL || !CiflowParseUrl(url, origin))
+		ConnError(cv->v[ARG_NAME], ERRCODE_INVALID_PARAMETER_VALUE,
+				  psprintf("%s must be an http or https URL", arg_names[arg]), hint);
+	if (!CiflowUrlIsPlain(url))
+		ConnError(cv->v[ARG_NAME], ERRCODE_INVALID_PARAMETER_VALUE,
+				  psprintf("%s must not have a query, a fragment or \".\" and \"..\" segments",
+						   arg_names[arg]),
+				  "Give the service's address as its documentation spells it.");
+}
+
 /*
  * Checks a complete set of settings and fills in defaults; create and
  * alter both end here, so a connection can never be stored half-valid.
@@ -147,13 +197,12 @@ ValidateSettings(ConnValues *cv)
 	int			flavor;
 	char	   *origin;
 	size_t		len;
+	int64		interval_ms;
 
 	CheckConnectionName(name);
 
-	if (cv->v[ARG_BASE_URL] == NULL || !CiflowParseUrl(cv->v[ARG_BASE_URL], &origin))
-		ConnError(name, ERRCODE_INVALID_PARAMETER_VALUE,
-				  "base_url must be an http or https URL",
-				  "For Customer Insights it is https://api.ci.ai.dynamics.com/v1.");
+	CheckServiceUrl(cv, ARG_BASE_URL, &origin,
+					"For Customer Insights it is https://api.ci.ai.dynamics.com/v1.");
 	len = strlen(cv->v[ARG_BASE_URL]);
 	while (len > 0 && cv->v[ARG_BASE_URL][len - 1] == '/')
 		cv->v[ARG_BASE_URL][--len] = '\0';
@@ -166,13 +215,16 @@ ValidateSettings(ConnValues *cv)
 				  psprintf("unknown flavor \"%s\"", cv->v[ARG_FLAVOR]),
 				  "Use customer_insights, dataverse or odata.");
 
-	if (cv->v[ARG_TOKEN_URL] != NULL && !CiflowParseUrl(cv->v[ARG_TOKEN_URL], NULL))
-		ConnError(name, ERRCODE_INVALID_PARAMETER_VALUE,
-				  "token_url must be an http or https URL", NULL);
+	if (cv->v[ARG_TOKEN_URL] != NULL)
+		CheckServiceUrl(cv, ARG_TOKEN_URL, NULL, NULL);
 
 	if (flavor == CIFLOW_FLAVOR_CUSTOMER_INSIGHTS && cv->v[ARG_INSTANCE_ID] == NULL)
 		ConnError(name, ERRCODE_INVALID_PARAMETER_VALUE,
 				  "a customer_insights connection needs an instance_id", NULL);
+	if (cv->v[ARG_INSTANCE_ID] != NULL && !CiflowIsPathSegment(cv->v[ARG_INSTANCE_ID]))
+		ConnError(name, ERRCODE_INVALID_PARAMETER_VALUE,
+				  "instance_id must not be empty, \".\" or \"..\"",
+				  "It is the instance's id, a GUID.");
 
 	/* A token comes either as is, or from the client-credentials grant. */
 	if (cv->v[ARG_BEARER_TOKEN] == NULL)
@@ -205,9 +257,11 @@ ValidateSettings(ConnValues *cv)
 	(void) IntSetting(cv, ARG_PAGE_SIZE, 1, 5000);
 	if (cv->v[ARG_PER_INTERVAL] == NULL)
 		cv->v[ARG_PER_INTERVAL] = pstrdup("60 seconds");
-	if (IntervalMs(cv->v[ARG_PER_INTERVAL]) <= 0)
+	interval_ms = IntervalMs(cv->v[ARG_PER_INTERVAL]);
+	if (interval_ms <= 0 || interval_ms > MAX_PER_INTERVAL_MS)
 		ConnError(name, ERRCODE_INVALID_PARAMETER_VALUE,
-				  "per_interval must be positive", NULL);
+				  "per_interval must be positive and at most 1 day",
+				  "The service's own limit is 100 calls per 60 seconds.");
 
 	if (cv->v[ARG_CA_FILE] != NULL &&
 		(cv->v[ARG_CA_FILE][0] != '/' || access(cv->v[ARG_CA_FILE], R_OK) != 0))
@@ -233,59 +287,142 @@ ValuesFromArgs(FunctionCallInfo fcinfo, ConnValues *cv)
 		else
 			cv->v[i] = text_to_cstring(PG_GETARG_TEXT_PP(i));
 	}
-}
-
-/* Reads a stored connection as text; false when there is none.  Needs SPI. */
-static bool
-LoadValues(const char *name, ConnValues *cv)
-{
-	Datum		arg = CStringGetTextDatum(name);
-	Oid			argtype = TEXTOID;
-	int			i;
-
-	if (load_plan == NULL)
-	{
-		SPIPlanPtr	plan = SPI_prepare(
-									   "SELECT c.name, c.base_url, c.instance_id, c.flavor, c.token_url,"
-									   "       c.client_id, s.client_secret, c.scope, s.subscription_key,"
-									   "       s.bearer_token, c.max_calls::text, c.per_interval::text,"
-									   "       c.page_size::text, c.ca_file"
-									   "  FROM ciflow.connection_settings c"
-									   "  LEFT JOIN ciflow.connection_secrets s ON s.connection = c.name"
-									   " WHERE c.name = $1", 1, &argtype);
-
-		if (plan == NULL)
-			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
-		SPI_keepplan(plan);
-		load_plan = plan;
-	}
-	if (SPI_execute_plan(load_plan, &arg, NULL, true, 1) != SPI_OK_SELECT)
-		elog(ERROR, "could not read connection \"%s\"", name);
-	if (SPI_processed == 0)
-		return false;
-	for (i = 0; i < NUM_CONN_ARGS; i++)
-		cv->v[i] = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, i + 1);
-	return true;
+	cv->owner = GetUserId();
 }
 
 static void
-ExecWrite(const char *sql, int nargs, char **values)
+WipeValues(ConnValues *cv)
 {
-	Oid			types[NUM_CONN_ARGS + 1];
-	Datum		datums[NUM_CONN_ARGS + 1];
-	char		nulls[NUM_CONN_ARGS + 1];
 	int			i;
-	int			rc;
 
-	for (i = 0; i < nargs; i++)
+	for (i = 0; i < (int) lengthof(secret_args); i++)
 	{
-		types[i] = TEXTOID;
-		datums[i] = values[i] ? CStringGetTextDatum(values[i]) : (Datum) 0;
-		nulls[i] = values[i] ? ' ' : 'n';
+		CiflowFreeSecret(cv->v[secret_args[i]]);
+		cv->v[secret_args[i]] = NULL;
 	}
-	rc = SPI_execute_with_args(sql, nargs, types, datums, nulls, false, 0);
-	if (rc < 0)
-		elog(ERROR, "SPI_execute_with_args failed: %s", SPI_result_code_string(rc));
+}
+
+/*
+ * Reads a stored connection as text; false when there is none.  Secrets
+ * are read only when asked for.
+ */
+static bool
+LoadValues(const char *name, ConnValues *cv, bool with_secrets)
+{
+	TupleDesc	desc;
+	List	   *rows = CiflowCatalogLookup("connection_settings", "name", name, &desc);
+	HeapTuple	tup;
+	bool		isnull;
+
+	memset(cv, 0, sizeof(*cv));
+	if (rows == NIL)
+		return false;
+	tup = linitial(rows);
+	cv->v[ARG_NAME] = CiflowCatalogText(tup, desc, "name");
+	cv->v[ARG_BASE_URL] = CiflowCatalogText(tup, desc, "base_url");
+	cv->v[ARG_INSTANCE_ID] = CiflowCatalogText(tup, desc, "instance_id");
+	cv->v[ARG_FLAVOR] = CiflowCatalogText(tup, desc, "flavor");
+	cv->v[ARG_TOKEN_URL] = CiflowCatalogText(tup, desc, "token_url");
+	cv->v[ARG_CLIENT_ID] = CiflowCatalogText(tup, desc, "client_id");
+	cv->v[ARG_SCOPE] = CiflowCatalogText(tup, desc, "scope");
+	cv->v[ARG_MAX_CALLS] = psprintf("%d", DatumGetInt32(CiflowCatalogDatum(tup, desc, "max_calls", &isnull)));
+	cv->v[ARG_PER_INTERVAL] =
+		DatumGetCString(DirectFunctionCall1(interval_out,
+											CiflowCatalogDatum(tup, desc, "per_interval", &isnull)));
+	cv->v[ARG_PAGE_SIZE] = psprintf("%d", DatumGetInt32(CiflowCatalogDatum(tup, desc, "page_size", &isnull)));
+	cv->v[ARG_CA_FILE] = CiflowCatalogText(tup, desc, "ca_file");
+	cv->owner = DatumGetObjectId(CiflowCatalogDatum(tup, desc, "owner", &isnull));
+	heap_freetuple(tup);
+
+	if (with_secrets)
+	{
+		rows = CiflowCatalogLookup("connection_secrets", "connection", name, &desc);
+		if (rows != NIL)
+		{
+			tup = linitial(rows);
+			cv->v[ARG_CLIENT_SECRET] = CiflowCatalogText(tup, desc, "client_secret");
+			cv->v[ARG_SUBSCRIPTION_KEY] = CiflowCatalogText(tup, desc, "subscription_key");
+			cv->v[ARG_BEARER_TOKEN] = CiflowCatalogText(tup, desc, "bearer_token");
+			/* The copy held the secrets too. */
+			explicit_bzero(tup->t_data, tup->t_len);
+			heap_freetuple(tup);
+		}
+	}
+	return true;
+}
+
+static CiflowCatalogStatement insert_settings = {
+	.sql = "INSERT INTO ciflow.connection_settings (name, base_url, instance_id,"
+	" flavor, token_url, client_id, scope, max_calls, per_interval,"
+	" page_size, ca_file, owner) VALUES ($1, $2, $3, $4, $5, $6, $7,"
+	" $8::pg_catalog.int4, $9::pg_catalog.interval, $10::pg_catalog.int4, $11,"
+	" $12::pg_catalog.oid::pg_catalog.regrole)",
+	.nargs = 12,
+	.types = {TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID,
+	TEXTOID, TEXTOID, TEXTOID, OIDOID}
+};
+
+static CiflowCatalogStatement update_settings = {
+	.sql = "UPDATE ciflow.connection_settings SET base_url = $2,"
+	" instance_id = $3, flavor = $4, token_url = $5, client_id = $6,"
+	" scope = $7, max_calls = $8::pg_catalog.int4,"
+	" per_interval = $9::pg_catalog.interval, page_size = $10::pg_catalog.int4,"
+	" ca_file = $11, updated_at = pg_catalog.now()"
+	" WHERE name OPERATOR(pg_catalog.=) $1",
+	.nargs = 11,
+	.types = {TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID,
+	TEXTOID, TEXTOID, TEXTOID}
+};
+
+static CiflowCatalogStatement upsert_secrets = {
+	.sql = "INSERT INTO ciflow.connection_secrets AS s (connection, client_secret,"
+	" subscription_key, bearer_token) VALUES ($1, $2, $3, $4)"
+	" ON CONFLICT (connection) DO UPDATE SET client_secret = $2,"
+	" subscription_key = $3, bearer_token = $4",
+	.nargs = 4,
+	.types = {TEXTOID, TEXTOID, TEXTOID, TEXTOID}
+};
+
+static CiflowCatalogStatement delete_connection = {
+	.sql = "DELETE FROM ciflow.connection_settings WHERE name OPERATOR(pg_catalog.=) $1",
+	.nargs = 1,
+	.types = {TEXTOID}
+};
+
+static CiflowCatalogStatement insert_grant = {
+	.sql = "INSERT INTO ciflow.connection_grants (connection, grantee, granted_by)"
+	" VALUES ($1, $2::pg_catalog.oid::pg_catalog.regrole,"
+	" $3::pg_catalog.oid::pg_catalog.regrole)"
+	" ON CONFLICT (connection, grantee) DO NOTHING",
+	.nargs = 3,
+	.types = {TEXTOID, OIDOID, OIDOID}
+};
+
+static CiflowCatalogStatement delete_grant = {
+	.sql = "DELETE FROM ciflow.connection_grants WHERE connection OPERATOR(pg_catalog.=) $1"
+	" AND grantee OPERATOR(pg_catalog.=) $2::pg_catalog.oid::pg_catalog.regrole",
+	.nargs = 2,
+	.types = {TEXTOID, OIDOID}
+};
+
+static uint64
+WriteTexts(CiflowCatalogStatement *stmt, char **texts, int ntexts, Oid extra_oid)
+{
+	Datum		values[12];
+	char		nulls[12];
+	int			i;
+
+	for (i = 0; i < ntexts; i++)
+	{
+		values[i] = texts[i] ? CStringGetTextDatum(texts[i]) : (Datum) 0;
+		nulls[i] = texts[i] ? ' ' : 'n';
+	}
+	for (; i < stmt->nargs; i++)
+	{
+		values[i] = ObjectIdGetDatum(extra_oid);
+		nulls[i] = ' ';
+	}
+	return CiflowCatalogExecute(stmt, values, nulls, NULL, NULL);
 }
 
 /* Writes a validated connection: insert, or update when replacing. */
@@ -300,109 +437,243 @@ StoreValues(ConnValues *cv, bool replace)
 	cv->v[ARG_PER_INTERVAL], cv->v[ARG_PAGE_SIZE], cv->v[ARG_CA_FILE]};
 
 	if (replace)
-		ExecWrite("UPDATE ciflow.connection_settings SET base_url = $2,"
-				  " instance_id = $3, flavor = $4, token_url = $5, client_id = $6,"
-				  " scope = $7, max_calls = $8::integer, per_interval = $9::interval,"
-				  " page_size = $10::integer, ca_file = $11, updated_at = now()"
-				  " WHERE name = $1", 11, settings);
+		(void) WriteTexts(&update_settings, settings, 11, InvalidOid);
 	else
-		ExecWrite("INSERT INTO ciflow.connection_settings (name, base_url, instance_id,"
-				  " flavor, token_url, client_id, scope, max_calls, per_interval,"
-				  " page_size, ca_file) VALUES ($1, $2, $3, $4, $5, $6, $7,"
-				  " $8::integer, $9::interval, $10::integer, $11)", 11, settings);
-	ExecWrite("INSERT INTO ciflow.connection_secrets AS s (connection, client_secret,"
-			  " subscription_key, bearer_token) VALUES ($1, $2, $3, $4)"
-			  " ON CONFLICT (connection) DO UPDATE SET client_secret = $2,"
-			  " subscription_key = $3, bearer_token = $4", 4, secrets);
+		(void) WriteTexts(&insert_settings, settings, 11, cv->owner);
+	(void) WriteTexts(&upsert_secrets, secrets, 4, InvalidOid);
+}
+
+/* Owners (and their members) and superusers may change a connection. */
+static void
+CheckOwner(const char *name, Oid owner, const char *action)
+{
+	if (!has_privs_of_role(GetUserId(), owner))
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("must be owner of connection \"%s\" to %s it", name, action),
+				 errdetail("Connection \"%s\" is owned by role %s.", name,
+						   GetUserNameFromId(owner, true) ? GetUserNameFromId(owner, true) : "(dropped)"),
+				 errhidestmt(true)));
+}
+
+/* Whether the current role may call the service through the connection. */
+static bool
+MayUse(const char *name, Oid owner)
+{
+	Oid			me = GetUserId();
+	TupleDesc	desc;
+	List	   *grants;
+	ListCell   *lc;
+
+	if (has_privs_of_role(me, owner))
+		return true;
+	grants = CiflowCatalogLookup("connection_grants", "connection", name, &desc);
+	foreach(lc, grants)
+	{
+		bool		isnull;
+		Oid			grantee = DatumGetObjectId(CiflowCatalogDatum(lfirst(lc), desc,
+																  "grantee", &isnull));
+
+		if (has_privs_of_role(me, grantee))
+			return true;
+	}
+	return false;
+}
+
+static void
+RequireConnection(bool found, const char *name)
+{
+	if (!found)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("connection \"%s\" does not exist", name),
+				 errhint("See ciflow.connections for the connections there are."),
+				 errhidestmt(true)));
 }
 
 Datum
-create_connection(PG_FUNCTION_ARGS)
+ciflow_create_connection(PG_FUNCTION_ARGS)
 {
 	ConnValues	cv;
-	CiflowSavedUser saved;
+	ConnValues	existing;
 
+	CiflowRefuseRestricted();
 	ValuesFromArgs(fcinfo, &cv);
 	ValidateSettings(&cv);
 
-	CiflowBecomeOwner(&saved);
-	SPI_connect();
-	{
-		ConnValues	existing;
-
-		if (LoadValues(cv.v[ARG_NAME], &existing))
-			ereport(ERROR,
-					(errcode(ERRCODE_DUPLICATE_OBJECT),
-					 errmsg("connection \"%s\" already exists", cv.v[ARG_NAME]),
-					 errhint("Use ciflow.alter_connection to change it."),
-					 errhidestmt(true)));
-	}
+	if (LoadValues(cv.v[ARG_NAME], &existing, false))
+		ereport(ERROR,
+				(errcode(ERRCODE_DUPLICATE_OBJECT),
+				 errmsg("connection \"%s\" already exists", cv.v[ARG_NAME]),
+				 errhint("Use ciflow.alter_connection to change it."),
+				 errhidestmt(true)));
 	StoreValues(&cv, false);
-	SPI_finish();
-	CiflowRestoreUser(&saved);
+	WipeValues(&cv);
 	PG_RETURN_VOID();
 }
 
-Datum
-alter_connection(PG_FUNCTION_ARGS)
+/*
+ * Secrets go only where they were given for: a change of destination
+ * needs every stored secret again in the same call ('' clears one).
+ */
+static void
+CheckSecretsFollow(const ConnValues *stored, const ConnValues *changes,
+				   const ConnValues *merged)
 {
-	ConnValues	changes;
-	ConnValues	cv;
-	CiflowSavedUser saved;
+	const char *moved = NULL;
 	int			i;
 
+	for (i = 0; i < (int) lengthof(destination_args); i++)
+	{
+		ConnArg		a = destination_args[i];
+		const char *before = stored->v[a];
+		const char *after = merged->v[a];
+
+		/*
+		 * Clearing ca_file only narrows trust to the system's CAs for the
+		 * same host; every other change can point the secrets elsewhere.
+		 */
+		if (a == ARG_CA_FILE && after == NULL)
+			continue;
+		if ((before == NULL) != (after == NULL) ||
+			(before != NULL && strcmp(before, after) != 0))
+		{
+			moved = arg_names[a];
+			break;
+		}
+	}
+	if (moved == NULL)
+		return;
+	for (i = 0; i < (int) lengthof(secret_args); i++)
+	{
+		ConnArg		a = secret_args[i];
+
+		if (stored->v[a] != NULL && changes->v[a] == NULL)
+			ereport(ERROR,
+					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+					 errmsg("connection \"%s\": changing %s requires giving its secrets again",
+							merged->v[ARG_NAME], moved),
+					 errdetail("The stored %s was given for the connection's current address; ciflow never sends it elsewhere.",
+							   arg_names[a]),
+					 errhint("Pass %s (and every other stored secret) in the same ciflow.alter_connection call, or '' to clear it.",
+							 arg_names[a]),
+					 errhidestmt(true)));
+	}
+}
+
+Datum
+ciflow_alter_connection(PG_FUNCTION_ARGS)
+{
+	ConnValues	changes;
+	ConnValues	stored;
+	ConnValues	cv;
+	int			i;
+
+	CiflowRefuseRestricted();
 	ValuesFromArgs(fcinfo, &changes);
 	CheckConnectionName(changes.v[ARG_NAME]);
 
-	CiflowBecomeOwner(&saved);
-	SPI_connect();
-	if (!LoadValues(changes.v[ARG_NAME], &cv))
-		ereport(ERROR,
-				(errcode(ERRCODE_UNDEFINED_OBJECT),
-				 errmsg("connection \"%s\" does not exist", changes.v[ARG_NAME]),
-				 errhidestmt(true)));
+	RequireConnection(LoadValues(changes.v[ARG_NAME], &stored, true), changes.v[ARG_NAME]);
+	CheckOwner(changes.v[ARG_NAME], stored.owner, "alter");
+	cv = stored;
 	/* NULL leaves a setting alone; '' clears it. */
 	for (i = ARG_NAME + 1; i < NUM_CONN_ARGS; i++)
 	{
 		if (changes.v[i] != NULL)
-			cv.v[i] = changes.v[i][0] == '\0' ? NULL : changes.v[i];
+			cv.v[i] = changes.v[i][0] == '\0' ? NULL : pstrdup(changes.v[i]);
+		else if (cv.v[i] != NULL)
+			cv.v[i] = pstrdup(cv.v[i]);
 	}
 	ValidateSettings(&cv);
+	CheckSecretsFollow(&stored, &changes, &cv);
 	StoreValues(&cv, true);
-	SPI_finish();
-	CiflowRestoreUser(&saved);
+	WipeValues(&cv);
+	WipeValues(&stored);
+	WipeValues(&changes);
 	PG_RETURN_VOID();
 }
 
 Datum
-drop_connection(PG_FUNCTION_ARGS)
+ciflow_drop_connection(PG_FUNCTION_ARGS)
 {
 	char	   *name;
 	bool		if_exists = PG_ARGISNULL(1) ? false : PG_GETARG_BOOL(1);
-	CiflowSavedUser saved;
+	ConnValues	stored;
 	char	   *args[1];
-	uint64		deleted;
 
+	CiflowRefuseRestricted();
 	if (PG_ARGISNULL(0))
 		CheckConnectionName(NULL);
 	name = text_to_cstring(PG_GETARG_TEXT_PP(0));
-	CheckConnectionName(name);
+	if (!CiflowIsSimpleName(name))
+		CheckConnectionName(name);
 
-	CiflowBecomeOwner(&saved);
-	SPI_connect();
-	args[0] = name;
-	ExecWrite("DELETE FROM ciflow.connection_settings WHERE name = $1", 1, args);
-	deleted = SPI_processed;
-	SPI_finish();
-	CiflowRestoreUser(&saved);
-	if (deleted == 0 && !if_exists)
-		ereport(ERROR,
-				(errcode(ERRCODE_UNDEFINED_OBJECT),
-				 errmsg("connection \"%s\" does not exist", name)));
-	if (deleted == 0)
+	if (!LoadValues(name, &stored, false))
+	{
+		if (!if_exists)
+			RequireConnection(false, name);
 		ereport(NOTICE,
 				(errmsg("connection \"%s\" does not exist, skipping", name)));
+		PG_RETURN_VOID();
+	}
+	CheckOwner(name, stored.owner, "drop");
+	args[0] = name;
+	(void) WriteTexts(&delete_connection, args, 1, InvalidOid);
 	PG_RETURN_VOID();
+}
+
+/* grant_connection and revoke_connection: the owner's and superusers'. */
+static void
+ChangeGrant(FunctionCallInfo fcinfo, bool grant)
+{
+	char	   *name = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	Oid			role = PG_GETARG_OID(1);
+	ConnValues	stored;
+	char	   *args[1];
+
+	CiflowRefuseRestricted();
+	RequireConnection(LoadValues(name, &stored, false), name);
+	CheckOwner(name, stored.owner, grant ? "grant" : "revoke");
+	args[0] = name;
+	if (grant)
+	{
+		Datum		values[3] = {CStringGetTextDatum(name), ObjectIdGetDatum(role),
+		ObjectIdGetDatum(GetUserId())};
+
+		(void) CiflowCatalogExecute(&insert_grant, values, NULL, NULL, NULL);
+	}
+	else if (WriteTexts(&delete_grant, args, 1, role) == 0)
+		ereport(NOTICE,
+				(errmsg("role \"%s\" has no grant on connection \"%s\"",
+						GetUserNameFromId(role, false), name)));
+}
+
+Datum
+ciflow_grant_connection(PG_FUNCTION_ARGS)
+{
+	ChangeGrant(fcinfo, true);
+	PG_RETURN_VOID();
+}
+
+Datum
+ciflow_revoke_connection(PG_FUNCTION_ARGS)
+{
+	ChangeGrant(fcinfo, false);
+	PG_RETURN_VOID();
+}
+
+/* Reset callback of a connection's memory context: the secrets go first. */
+static void
+WipeConnection(void *arg)
+{
+	CiflowConnection *conn = (CiflowConnection *) arg;
+
+	if (conn->client_secret)
+		explicit_bzero(conn->client_secret, strlen(conn->client_secret));
+	if (conn->subscription_key)
+		explicit_bzero(conn->subscription_key, strlen(conn->subscription_key));
+	if (conn->bearer_token)
+		explicit_bzero(conn->bearer_token, strlen(conn->bearer_token));
 }
 
 static char *
@@ -411,45 +682,53 @@ CopyOrNull(const char *s)
 	return s ? pstrdup(s) : NULL;
 }
 
+/*
+ * A connection in a context of its own, under parent, that wipes its
+ * secrets when it goes, whether by CiflowFreeConnection or with parent.
+ */
+static CiflowConnection *
+NewConnection(MemoryContext parent)
+{
+	MemoryContext cxt = AllocSetContextCreate(parent, "ciflow connection",
+											  ALLOCSET_SMALL_SIZES);
+	CiflowConnection *conn = MemoryContextAllocZero(cxt, sizeof(CiflowConnection));
+	MemoryContextCallback *cb = MemoryContextAlloc(cxt, sizeof(MemoryContextCallback));
+
+	conn->cxt = cxt;
+	cb->func = WipeConnection;
+	cb->arg = conn;
+	MemoryContextRegisterResetCallback(cxt, cb);
+	return conn;
+}
+
 CiflowConnection *
 CiflowGetConnection(const char *name)
 {
 	ConnValues	cv;
 	CiflowConnection *conn;
-	CiflowSavedUser saved;
-	MemoryContext cxt = CurrentMemoryContext;
-	bool		found;
+	MemoryContext old;
 
 	if (name == NULL)
 		CheckConnectionName(NULL);
-	CheckConnectionName(name);
+	CiflowRefuseRestricted();
+	if (!CiflowIsSimpleName(name))
+		CheckConnectionName(name);
 
-	CiflowBecomeOwner(&saved);
-	SPI_connect();
-	found = LoadValues(name, &cv);
-	if (found)
-	{
-		MemoryContext old = MemoryContextSwitchTo(cxt);
-		int			i;
-
-		/* SPI's memory goes away at SPI_finish. */
-		for (i = 0; i < NUM_CONN_ARGS; i++)
-			cv.v[i] = CopyOrNull(cv.v[i]);
-		MemoryContextSwitchTo(old);
-	}
-	SPI_finish();
-	CiflowRestoreUser(&saved);
-	if (!found)
+	/* The privilege first: a role without it never has the secrets read. */
+	RequireConnection(LoadValues(name, &cv, false), name);
+	if (!MayUse(name, cv.owner))
 		ereport(ERROR,
-				(errcode(ERRCODE_UNDEFINED_OBJECT),
-				 errmsg("connection \"%s\" does not exist", name),
-				 errhint("See ciflow.connections for the connections there are.")));
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("permission denied for connection \"%s\"", name),
+				 errhint("Its owner or a superuser can grant it: SELECT ciflow.grant_connection('%s', '%s');",
+						 name, GetUserNameFromId(GetUserId(), false))));
 
-	conn = palloc0(sizeof(CiflowConnection));
+	/* Read straight into the wiping context: no other copy is left. */
+	conn = NewConnection(CurrentMemoryContext);
+	old = MemoryContextSwitchTo(conn->cxt);
+	RequireConnection(LoadValues(name, &cv, true), name);
 	conn->name = cv.v[ARG_NAME];
 	conn->base_url = cv.v[ARG_BASE_URL];
-	if (!CiflowParseUrl(conn->base_url, &conn->origin))
-		elog(ERROR, "connection \"%s\" has an invalid base_url", name);
 	conn->instance_id = cv.v[ARG_INSTANCE_ID];
 	conn->flavor = (CiflowFlavor) FlavorFromName(cv.v[ARG_FLAVOR]);
 	conn->token_url = cv.v[ARG_TOKEN_URL];
@@ -462,16 +741,22 @@ CiflowGetConnection(const char *name)
 	conn->per_interval_ms = IntervalMs(cv.v[ARG_PER_INTERVAL]);
 	conn->page_size = atoi(cv.v[ARG_PAGE_SIZE]);
 	conn->ca_file = cv.v[ARG_CA_FILE];
+	conn->owner = cv.owner;
+	if (!CiflowParseUrl(conn->base_url, &conn->origin))
+		elog(ERROR, "connection \"%s\" has an invalid base_url", name);
+	MemoryContextSwitchTo(old);
 	return conn;
 }
 
 CiflowConnection *
-CiflowCopyConnection(const CiflowConnection *conn, MemoryContext cxt)
+CiflowCopyConnection(const CiflowConnection *conn, MemoryContext parent)
 {
+	CiflowConnection *copy = NewConnection(parent);
+	MemoryContext cxt = copy->cxt;
 	MemoryContext old = MemoryContextSwitchTo(cxt);
-	CiflowConnection *copy = palloc(sizeof(CiflowConnection));
 
 	*copy = *conn;
+	copy->cxt = cxt;
 	copy->name = CopyOrNull(conn->name);
 	copy->base_url = CopyOrNull(conn->base_url);
 	copy->origin = CopyOrNull(conn->origin);
@@ -485,4 +770,11 @@ CiflowCopyConnection(const CiflowConnection *conn, MemoryContext cxt)
 	copy->ca_file = CopyOrNull(conn->ca_file);
 	MemoryContextSwitchTo(old);
 	return copy;
+}
+
+void
+CiflowFreeConnection(CiflowConnection *conn)
+{
+	if (conn != NULL)
+		MemoryContextDelete(conn->cxt);
 }

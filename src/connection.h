@@ -8,6 +8,8 @@
 #ifndef CIFLOW_CONNECTION_H
 #define CIFLOW_CONNECTION_H
 
+#include "utils/palloc.h"
+
 typedef enum CiflowFlavor
 {
 	CIFLOW_FLAVOR_CUSTOMER_INSIGHTS,
@@ -17,6 +19,8 @@ typedef enum CiflowFlavor
 
 typedef struct CiflowConnection
 {
+	MemoryContext cxt;			/* holds all of it; wipes secrets when reset */
+	Oid			owner;
 	char	   *name;
 	char	   *base_url;		/* without a trailing slash */
 	char	   *origin;			/* scheme://host:port of base_url */
@@ -34,11 +38,18 @@ typedef struct CiflowConnection
 	int			page_size;
 } CiflowConnection;
 
-/* Needs a transaction; raises 42704 if the connection does not exist. */
+/*
+ * Needs a transaction; raises 42704 if the connection does not exist and
+ * 42501 if the current role may not use it.  The result lives in a child
+ * of the current memory context that wipes the secrets when it goes.
+ */
 extern CiflowConnection *CiflowGetConnection(const char *name);
 
-/* Deep copy into another memory context (for use outside transactions). */
+/* Deep copy under another memory context (for use outside transactions). */
 extern CiflowConnection *CiflowCopyConnection(const CiflowConnection *conn,
-											  MemoryContext cxt);
+											  MemoryContext parent);
+
+/* Wipes and frees a connection (NULL is fine). */
+extern void CiflowFreeConnection(CiflowConnection *conn);
 
 #endif							/* CIFLOW_CONNECTION_H */

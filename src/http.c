@@ -96,6 +96,15 @@ CheckInterrupts(void *clientp, curl_off_t dltotal, curl_off_t dlnow,
 	return (QueryCancelPending || ProcDiePending) ? 1 : 0;
 }
 
+static void
+WipeHeaderList(struct curl_slist *headers)
+{
+	struct curl_slist *h;
+
+	for (h = headers; h != NULL; h = h->next)
+		explicit_bzero(h->data, strlen(h->data));
+}
+
 static CURL *
 GetHandle(void)
 {
@@ -185,6 +194,8 @@ CiflowHttpTransfer(CiflowTransfer *t)
 	}
 
 	curl_easy_setopt(h, CURLOPT_URL, t->url);
+	/* Sent as built: libcurl must not fold "..", which could leave the API. */
+	curl_easy_setopt(h, CURLOPT_PATH_AS_IS, 1L);
 	curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, "http,https");
 	/* Credentials must never follow a redirect to another host. */
 	curl_easy_setopt(h, CURLOPT_FOLLOWLOCATION, 0L);
@@ -220,8 +231,12 @@ CiflowHttpTransfer(CiflowTransfer *t)
 
 	rc = curl_easy_perform(h);
 
-	/* The header list may hold credentials: gone before anything can fail. */
+	/*
+	 * The header list holds libcurl's copies of the credentials: wiped and
+	 * gone before anything can fail.
+	 */
 	curl_easy_setopt(h, CURLOPT_HTTPHEADER, NULL);
+	WipeHeaderList(headers);
 	curl_slist_free_all(headers);
 
 	if (rc == CURLE_ABORTED_BY_CALLBACK)
@@ -333,6 +348,68 @@ CiflowResolveUrl(const char *base, const char *ref)
 	curl_free(out);
 	curl_url_cleanup(u);
 	return result;
+}
+
+/* "." or "..", also spelled with %2e, which a server may decode first. */
+static bool
+IsDotSegment(const char *seg, size_t len)
+{
+	int			dots = 0;
+	size_t		i = 0;
+
+	while (i < len)
+	{
+		if (seg[i] == '.')
+			i++;
+		else if (len - i >= 3 && seg[i] == '%' && seg[i + 1] == '2' &&
+				 (seg[i + 2] == 'e' || seg[i + 2] == 'E'))
+			i += 3;
+		else
+			return false;
+		dots++;
+	}
+	return dots == 1 || dots == 2;
+}
+
+bool
+CiflowUrlIsPlain(const char *url)
+{
+	const char *path;
+
+	if (strpbrk(url, "?#") != NULL)
+		return false;
+	path = strstr(url, "://");
+	if (path == NULL)
+		return false;
+	path = strchr(path + 3, '/');
+	while (path != NULL)
+	{
+		const char *seg = path + 1;
+		const char *end = strchr(seg, '/');
+		size_t		len = end ? (size_t) (end - seg) : strlen(seg);
+
+		if (IsDotSegment(seg, len))
+			return false;
+		path = end;
+	}
+	return true;
+}
+
+char *
+CiflowPathSegment(const char *s, const char *what)
+{
+	if (s == NULL || s[0] == '\0' || IsDotSegment(s, strlen(s)))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s \"%s\" cannot be part of a URL path", what, s ? s : ""),
+				 errdetail("It must not be empty, \".\" or \"..\".")));
+	return CiflowUrlEncode(s);
+}
+
+bool
+CiflowIsPathSegment(const char *s)
+{
+	return s != NULL && s[0] != '\0' && !IsDotSegment(s, strlen(s));
 }
 
 char *

@@ -53,6 +53,18 @@ extern bool CiflowParseUrl(const char *url, char **origin);
 /* Resolves a possibly relative reference against base (RFC 3986). */
 extern char *CiflowResolveUrl(const char *base, const char *ref);
 
+/* No query, no fragment, no "." or ".." path segment (even as %2e). */
+extern bool CiflowUrlIsPlain(const char *url);
+
+/* Whether s can be one path segment: not empty, ".", or "..". */
+extern bool CiflowIsPathSegment(const char *s);
+
+/*
+ * s percent-encoded as one path segment ("/" included); 22023 naming what
+ * it is when it cannot be one.
+ */
+extern char *CiflowPathSegment(const char *s, const char *what);
+
 /* Percent-encodes everything but RFC 3986 unreserved characters. */
 extern char *CiflowUrlEncode(const char *s);
 

@@ -25,7 +25,7 @@ RequireInstance(const CiflowConnection *conn)
 						 conn->name)));
 }
 
-/* An entity name is one percent-encoded path segment. */
+/* Every name in a path is one percent-encoded segment, never "..". */
 char *
 CiflowDataUrl(const CiflowConnection *conn, const char *entity)
 {
@@ -33,9 +33,10 @@ CiflowDataUrl(const CiflowConnection *conn, const char *entity)
 	{
 		RequireInstance(conn);
 		return psprintf("%s/instances/%s/data/%s", conn->base_url,
-						CiflowUrlEncode(conn->instance_id), CiflowUrlEncode(entity));
+						CiflowPathSegment(conn->instance_id, "instance_id"),
+						CiflowPathSegment(entity, "entity"));
 	}
-	return psprintf("%s/%s", conn->base_url, CiflowUrlEncode(entity));
+	return psprintf("%s/%s", conn->base_url, CiflowPathSegment(entity, "entity"));
 }
 
 char *
@@ -50,9 +51,10 @@ CiflowEntitiesUrl(const CiflowConnection *conn, const char *entity)
 	RequireInstance(conn);
 	if (entity == NULL)
 		return psprintf("%s/instances/%s/manage/entities", conn->base_url,
-						CiflowUrlEncode(conn->instance_id));
+						CiflowPathSegment(conn->instance_id, "instance_id"));
 	return psprintf("%s/instances/%s/manage/entities/%s", conn->base_url,
-					CiflowUrlEncode(conn->instance_id), CiflowUrlEncode(entity));
+					CiflowPathSegment(conn->instance_id, "instance_id"),
+					CiflowPathSegment(entity, "entity"));
 }
 
 /* Option names go out literally ($top); values are percent-encoded. */

@@ -6,106 +6,77 @@
  *	  that publishes (or, after a failure, in one of its own), so a failed
  *	  run stays recorded even though its caller sees an ERROR.
  *
- *	  Writes go through prepared plans, as the catalog's owner; this file
- *	  does not start or end transactions (the executor does).
+ *	  Statements go through catalog.c (prepared plans, as the extension's
+ *	  owner, nothing of the caller's runs); this file does not start or end
+ *	  transactions (the sync executor does).
  *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
+#include "access/htup_details.h"
 #include "catalog/pg_type.h"
-#include "executor/spi.h"
 #include "miscadmin.h"
 #include "utils/builtins.h"
 #include "utils/timestamp.h"
 
+#include "catalog.h"
 #include "ciflow.h"
 #include "runs.h"
 
-typedef enum RunPlan
-{
-	PLAN_INSERT,
-	PLAN_PROGRESS,
-	PLAN_FINISH,
-	PLAN_ABANDONED,
-	NUM_RUN_PLANS
-} RunPlan;
-
-static const struct
-{
-	const char *sql;
-	int			nargs;
-	Oid			types[9];
-}			run_sql[NUM_RUN_PLANS] =
-{
-	[PLAN_INSERT] = {
-		"INSERT INTO ciflow.sync_runs (connection, entity, target, mode, run_by, pid)"
-		" VALUES ($1, $2, $3, $4, $5, $6) RETURNING id, started_at",
-		6, {TEXTOID, TEXTOID, TEXTOID, TEXTOID, NAMEOID, INT4OID}
-	},
-	[PLAN_PROGRESS] = {
-		"UPDATE ciflow.sync_runs SET pages = $2, rows = $3, api_calls = $4,"
-		" retries = $5, http_status = $6, rows_expected = $7 WHERE id = $1",
-		7, {INT8OID, INT4OID, INT8OID, INT4OID, INT4OID, INT4OID, INT8OID}
-	},
-	[PLAN_FINISH] = {
-		"UPDATE ciflow.sync_runs SET pages = $2, rows = $3, api_calls = $4,"
-		" retries = $5, http_status = $6, rows_expected = $7, status = $8,"
-		" error = $9, finished_at = clock_timestamp() WHERE id = $1"
-		" RETURNING finished_at",
-		9, {INT8OID, INT4OID, INT8OID, INT4OID, INT4OID, INT4OID, INT8OID, TEXTOID, TEXTOID}
-	},
-	[PLAN_ABANDONED] = {
-		"UPDATE ciflow.sync_runs SET status = 'failed', finished_at = clock_timestamp(),"
-		" error = 'interrupted: the process running it ended before it finished'"
-		" WHERE target = $1 AND status = 'running' AND id <> $2",
-		2, {TEXTOID, INT8OID}
-	},
+static CiflowCatalogStatement insert_run = {
+	.sql = "INSERT INTO ciflow.sync_runs (connection, entity, target, mode, run_by, pid)"
+	" VALUES ($1, $2, $3, $4, $5, $6) RETURNING id, started_at",
+	.nargs = 6,
+	.types = {TEXTOID, TEXTOID, TEXTOID, TEXTOID, NAMEOID, INT4OID}
 };
 
-static SPIPlanPtr run_plans[NUM_RUN_PLANS];
+static CiflowCatalogStatement progress_run = {
+	.sql = "UPDATE ciflow.sync_runs SET pages = $2, rows = $3, api_calls = $4,"
+	" retries = $5, http_status = $6, rows_expected = $7"
+	" WHERE id OPERATOR(pg_catalog.=) $1",
+	.nargs = 7,
+	.types = {INT8OID, INT4OID, INT8OID, INT4OID, INT4OID, INT4OID, INT8OID}
+};
 
-/*
- * Runs one of the plans as the catalog's owner; EndRunPlan() must follow
- * once any RETURNING values have been read.
- */
-static void
-ExecRunPlan(RunPlan which, Datum *values, const char *nulls,
-			CiflowSavedUser *saved)
-{
-	int			rc;
+static CiflowCatalogStatement finish_run = {
+	.sql = "UPDATE ciflow.sync_runs SET pages = $2, rows = $3, api_calls = $4,"
+	" retries = $5, http_status = $6, rows_expected = $7, status = $8,"
+	" error = $9, inserted = $10, updated = $11, deleted = $12,"
+	" watermark = $13::pg_catalog.jsonb,"
+	" finished_at = pg_catalog.clock_timestamp()"
+	" WHERE id OPERATOR(pg_catalog.=) $1 RETURNING finished_at",
+	.nargs = 13,
+	.types = {INT8OID, INT4OID, INT8OID, INT4OID, INT4OID, INT4OID, INT8OID, TEXTOID,
+	TEXTOID, INT8OID, INT8OID, INT8OID, TEXTOID}
+};
 
-	CiflowBecomeOwner(saved);
-	SPI_connect();
-	if (run_plans[which] == NULL)
-	{
-		SPIPlanPtr	plan = SPI_prepare(run_sql[which].sql, run_sql[which].nargs,
-									   (Oid *) run_sql[which].types);
+static CiflowCatalogStatement fail_abandoned = {
+	.sql = "UPDATE ciflow.sync_runs SET status = 'failed',"
+	" finished_at = pg_catalog.clock_timestamp(),"
+	" error = 'interrupted: the process running it ended before it finished'"
+	" WHERE target OPERATOR(pg_catalog.=) $1"
+	" AND status OPERATOR(pg_catalog.=) 'running' AND id OPERATOR(pg_catalog.<>) $2",
+	.nargs = 2,
+	.types = {TEXTOID, INT8OID}
+};
 
-		if (plan == NULL)
-			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
-		SPI_keepplan(plan);
-		run_plans[which] = plan;
-	}
-	rc = SPI_execute_plan(run_plans[which], values, nulls, false, 0);
-	if (rc < 0)
-		elog(ERROR, "SPI_execute_plan failed: %s", SPI_result_code_string(rc));
-}
+static CiflowCatalogStatement last_watermark = {
+	.sql = "SELECT watermark::pg_catalog.text FROM ciflow.sync_runs"
+	" WHERE target OPERATOR(pg_catalog.=) $1"
+	" AND status OPERATOR(pg_catalog.=) 'succeeded' AND watermark IS NOT NULL"
+	" ORDER BY id DESC LIMIT 1",
+	.nargs = 1,
+	.types = {TEXTOID}
+};
 
-static void
-EndRunPlan(const CiflowSavedUser *saved)
-{
-	SPI_finish();
-	CiflowRestoreUser(saved);
-}
-
-/* Reads column n of the single RETURNING row; call before SPI_finish. */
+/* Reads column n of a RETURNING row. */
 static Datum
-Returned(int n)
+Returned(HeapTuple tup, TupleDesc desc, int n)
 {
 	bool		isnull;
 
-	return SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, n, &isnull);
+	return heap_getattr(tup, n, desc, &isnull);
 }
 
 void
@@ -113,8 +84,9 @@ CiflowRunInsert(CiflowRunState *run, const char *connection, const char *entity,
 				const char *target, const char *mode)
 {
 	Datum		values[6];
-	CiflowSavedUser saved;
 	NameData	run_by;
+	HeapTuple	tup;
+	TupleDesc	desc;
 
 	namestrcpy(&run_by, GetUserNameFromId(GetUserId(), false));
 	values[0] = CStringGetTextDatum(connection);
@@ -123,11 +95,10 @@ CiflowRunInsert(CiflowRunState *run, const char *connection, const char *entity,
 	values[3] = CStringGetTextDatum(mode);
 	values[4] = NameGetDatum(&run_by);
 	values[5] = Int32GetDatum(MyProcPid);
-	ExecRunPlan(PLAN_INSERT, values, NULL, &saved);
-	run->run_id = DatumGetInt64(Returned(1));
-	run->started_at = DatumGetTimestampTz(Returned(2));
+	(void) CiflowCatalogExecute(&insert_run, values, NULL, &tup, &desc);
+	run->run_id = DatumGetInt64(Returned(tup, desc, 1));
+	run->started_at = DatumGetTimestampTz(Returned(tup, desc, 2));
 	run->pid = MyProcPid;
-	EndRunPlan(&saved);
 }
 
 static void
@@ -149,38 +120,55 @@ CiflowRunProgress(const CiflowRunState *run)
 {
 	Datum		values[7];
 	char		nulls[8] = "       ";
-	CiflowSavedUser saved;
 
 	CountersToDatums(run, values, nulls);
-	ExecRunPlan(PLAN_PROGRESS, values, nulls, &saved);
-	EndRunPlan(&saved);
+	(void) CiflowCatalogExecute(&progress_run, values, nulls, NULL, NULL);
 }
 
 void
 CiflowRunFinish(CiflowRunState *run, bool succeeded, const char *error)
 {
-	Datum		values[9];
-	char		nulls[10] = "         ";
-	CiflowSavedUser saved;
+	Datum		values[13];
+	char		nulls[14] = "             ";
+	HeapTuple	tup;
+	TupleDesc	desc;
 
 	CountersToDatums(run, values, nulls);
 	values[7] = CStringGetTextDatum(succeeded ? "succeeded" : "failed");
 	values[8] = error ? CStringGetTextDatum(error) : (Datum) 0;
 	nulls[8] = error ? ' ' : 'n';
-	ExecRunPlan(PLAN_FINISH, values, nulls, &saved);
-	if (SPI_processed == 1)
-		run->finished_at = DatumGetTimestampTz(Returned(1));
-	EndRunPlan(&saved);
+	values[9] = Int64GetDatum(run->inserted);
+	values[10] = Int64GetDatum(run->updated);
+	values[11] = Int64GetDatum(run->deleted);
+	/* A failed run never advances the watermark. */
+	values[12] = (succeeded && run->watermark) ? CStringGetTextDatum(run->watermark) : (Datum) 0;
+	nulls[12] = (succeeded && run->watermark) ? ' ' : 'n';
+	if (CiflowCatalogExecute(&finish_run, values, nulls, &tup, &desc) == 1)
+		run->finished_at = DatumGetTimestampTz(Returned(tup, desc, 1));
 }
 
 void
 CiflowRunFailAbandoned(const char *target, int64 current_run)
 {
 	Datum		values[2];
-	CiflowSavedUser saved;
 
 	values[0] = CStringGetTextDatum(target);
 	values[1] = Int64GetDatum(current_run);
-	ExecRunPlan(PLAN_ABANDONED, values, NULL, &saved);
-	EndRunPlan(&saved);
+	(void) CiflowCatalogExecute(&fail_abandoned, values, NULL, NULL, NULL);
+}
+
+char *
+CiflowRunLastWatermark(const char *target)
+{
+	Datum		values[1];
+	HeapTuple	tup;
+	TupleDesc	desc;
+	bool		isnull;
+	Datum		d;
+
+	values[0] = CStringGetTextDatum(target);
+	if (CiflowCatalogExecute(&last_watermark, values, NULL, &tup, &desc) == 0)
+		return NULL;
+	d = heap_getattr(tup, 1, desc, &isnull);
+	return isnull ? NULL : TextDatumGetCString(d);
 }

@@ -22,9 +22,14 @@ typedef struct CiflowRunState
 	TimestampTz started_at;
 	TimestampTz finished_at;
 	int			pid;			/* the process running it */
+	int64		inserted;		/* the difference applied to the target */
+	int64		updated;
+	int64		deleted;
+	char	   *watermark;		/* JSON text, or NULL: where the next
+								 * incremental run resumes */
 } CiflowRunState;
 
-/* Each of these needs a transaction, and writes as the catalog's owner. */
+/* Each of these needs a transaction, and acts as the catalog's owner (catalog.c). */
 extern void CiflowRunInsert(CiflowRunState *run, const char *connection,
 							const char *entity, const char *target,
 							const char *mode);
@@ -34,5 +39,8 @@ extern void CiflowRunFinish(CiflowRunState *run, bool succeeded,
 
 /* Marks runs of this target left 'running' by a dead process as failed. */
 extern void CiflowRunFailAbandoned(const char *target, int64 current_run);
+
+/* The watermark of the target's last successful run (JSON text), or NULL. */
+extern char *CiflowRunLastWatermark(const char *target);
 
 #endif							/* CIFLOW_RUNS_H */

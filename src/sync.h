@@ -19,7 +19,9 @@ typedef struct CiflowSyncArgs
 	const char *table;
 	const char *filter;			/* or NULL */
 	const char *fields;			/* or NULL */
-	const char *mode;
+	const char *mode;			/* "full" or "incremental" */
+	const char *publish;		/* "diff" or "swap" */
+	bool		adopt;			/* may fill a non-empty table no run filled */
 } CiflowSyncArgs;
 
 /* The primary message of every error of a sync (syncworker.c). */

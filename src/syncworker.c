@@ -40,7 +40,7 @@
 #include "sync.h"
 #include "target.h"
 
-PG_FUNCTION_INFO_V1(ciflow_sync);
+CIFLOW_SQL_FUNCTION(ciflow_sync);
 PGDLLEXPORT void ciflow_sync_worker_main(Datum main_arg);
 
 #define SYNC_SHARED_MAGIC 0x63696631
@@ -55,6 +55,7 @@ typedef enum SyncString
 	STR_FILTER,
 	STR_FIELDS,
 	STR_MODE,
+	STR_PUBLISH,
 	NUM_SYNC_STRINGS
 } SyncString;
 
@@ -64,6 +65,7 @@ typedef struct SyncShared
 	Oid			dbid;
 	Oid			login_userid;	/* the session's authenticated role */
 	Oid			userid;			/* the role the sync acts as */
+	bool		adopt;			/* may fill a table no run has filled */
 	CiflowSettings settings;
 
 	/* written by the worker */
@@ -136,6 +138,8 @@ ciflow_sync_worker_main(Datum main_arg)
 	args.filter = SharedString(sh, STR_FILTER);
 	args.fields = SharedString(sh, STR_FIELDS);
 	args.mode = SharedString(sh, STR_MODE);
+	args.publish = SharedString(sh, STR_PUBLISH);
+	args.adopt = sh->adopt;
 	pgstat_report_appname("ciflow sync");
 
 	PG_TRY();
@@ -327,6 +331,12 @@ RunRow(FunctionCallInfo fcinfo, const SyncShared *sh, const char *target)
 			values[i] = Int32GetDatum(run->stats.last_status);
 		else if (strcmp(col, "rows_expected") == 0 && run->rows_expected >= 0)
 			values[i] = Int64GetDatum(run->rows_expected);
+		else if (strcmp(col, "inserted") == 0)
+			values[i] = Int64GetDatum(run->inserted);
+		else if (strcmp(col, "updated") == 0)
+			values[i] = Int64GetDatum(run->updated);
+		else if (strcmp(col, "deleted") == 0)
+			values[i] = Int64GetDatum(run->deleted);
 		else if (strcmp(col, "pid") == 0)
 			values[i] = Int32GetDatum(run->pid);
 		else if (strcmp(col, "run_by") == 0)
@@ -355,6 +365,9 @@ ciflow_sync(PG_FUNCTION_ARGS)
 	strings[STR_FILTER] = CiflowTextArg(fcinfo, 3);
 	strings[STR_FIELDS] = CiflowTextArg(fcinfo, 4);
 	strings[STR_MODE] = PG_ARGISNULL(5) ? "full" : CiflowTextArg(fcinfo, 5);
+	strings[STR_PUBLISH] = PG_NARGS() <= 6 || PG_ARGISNULL(6) ? "diff" : CiflowTextArg(fcinfo, 6);
+
+	CiflowRefuseRestricted();
 
 	/* Unknown connections and bad arguments fail here, before any worker. */
 	PG_TRY();
@@ -369,6 +382,12 @@ ciflow_sync(PG_FUNCTION_ARGS)
 					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 					 errmsg("invalid sync mode \"%s\"", strings[STR_MODE]),
 					 errhint("Use 'full' or 'incremental'.")));
+		if (strcmp(strings[STR_PUBLISH], "diff") != 0 &&
+			strcmp(strings[STR_PUBLISH], "swap") != 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("invalid publish method \"%s\"", strings[STR_PUBLISH]),
+					 errhint("Use 'diff' (row changes, the default) or 'swap'.")));
 		(void) CiflowGetConnection(strings[STR_CONNECTION]);
 		CiflowResolveTarget(strings[STR_CONNECTION], strings[STR_ENTITY],
 							CiflowTextArg(fcinfo, 2), &schema, &table);
@@ -385,6 +404,7 @@ ciflow_sync(PG_FUNCTION_ARGS)
 
 	seg = CreateShared(strings);
 	sh = dsm_segment_address(seg);
+	sh->adopt = PG_NARGS() > 7 && !PG_ARGISNULL(7) && PG_GETARG_BOOL(7);
 	RunWorker(seg, strings[STR_CONNECTION], strings[STR_ENTITY]);
 	pg_read_barrier();
 

@@ -277,13 +277,20 @@ CiflowResolveTarget(const char *connection, const char *entity,
 				 errhint("Give a table name, optionally qualified by a schema name.")));
 }
 
+/*
+ * The lock is on the qualified name, before any relation exists: a 64-bit
+ * hash of it (two distinct targets colliding is a 2^-64 chance).
+ */
 static void
 NameLockTag(const CiflowTarget *t, LOCKTAG *tag)
 {
-	uint32		h1 = hash_bytes((const unsigned char *) t->schema, (int) strlen(t->schema));
-	uint32		h2 = hash_bytes((const unsigned char *) t->table, (int) strlen(t->table));
+	char	   *qualified = psprintf("%s.%s", t->schema, t->table);
+	uint64		h = hash_bytes_extended((const unsigned char *) qualified,
+										(int) strlen(qualified), 0);
 
-	SET_LOCKTAG_ADVISORY(*tag, MyDatabaseId, h1, h2, CIFLOW_LOCK_FIELD4);
+	SET_LOCKTAG_ADVISORY(*tag, MyDatabaseId, (uint32) (h >> 32), (uint32) h,
+						 CIFLOW_LOCK_FIELD4);
+	pfree(qualified);
 }
 
 bool

@@ -1,0 +1,194 @@
+/*
+ * ciflow 0.1 -> 0.2.  After this script a 0.1 database has exactly the
+ * objects, columns and grants of a fresh 0.2 install (ciflow--0.2.sql);
+ * tests/extension/test_upgrade.py compares the two.
+ */
+\echo Use "ALTER EXTENSION ciflow UPDATE TO '0.2'" to load this file. \quit
+
+/*
+ * Connections get an owner.  Connections made under 0.1 belong to the role
+ * running the update (a superuser): under 0.1 any role allowed to execute
+ * ciflow's functions could use any connection, under 0.2 the owner grants
+ * each one with ciflow.grant_connection.
+ */
+ALTER TABLE ciflow.connection_settings ADD COLUMN owner regrole;
+UPDATE ciflow.connection_settings SET owner = current_user::regrole;
+ALTER TABLE ciflow.connection_settings ALTER COLUMN owner SET NOT NULL;
+
+CREATE TABLE ciflow.connection_grants (
+    connection  text NOT NULL
+                REFERENCES ciflow.connection_settings (name) ON DELETE CASCADE,
+    grantee     regrole NOT NULL,
+    granted_by  regrole NOT NULL,
+    granted_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (connection, grantee)
+);
+SELECT pg_catalog.pg_extension_config_dump('ciflow.connection_grants', '');
+
+CREATE OR REPLACE VIEW ciflow.connections AS
+    SELECT c.name, c.base_url, c.instance_id, c.flavor, c.token_url, c.client_id,
+           c.scope, c.max_calls, c.per_interval, c.page_size, c.ca_file,
+           s.client_secret IS NOT NULL    AS has_client_secret,
+           s.subscription_key IS NOT NULL AS has_subscription_key,
+           s.bearer_token IS NOT NULL     AS has_bearer_token,
+           c.created_at, c.updated_at, c.owner
+      FROM ciflow.connection_settings c
+      LEFT JOIN ciflow.connection_secrets s ON s.connection = c.name
+     WHERE pg_catalog.pg_has_role(c.owner::pg_catalog.oid, 'USAGE')
+        OR EXISTS (SELECT 1 FROM ciflow.connection_grants g
+                    WHERE g.connection = c.name
+                      AND pg_catalog.pg_has_role(g.grantee::pg_catalog.oid, 'USAGE'));
+
+/* Exported C symbols carry the ciflow_ prefix from 0.2 on. */
+CREATE OR REPLACE FUNCTION ciflow.create_connection(
+    name             text,
+    base_url         text,
+    instance_id      text     DEFAULT NULL,
+    flavor           text     DEFAULT 'customer_insights',
+    token_url        text     DEFAULT NULL,
+    client_id        text     DEFAULT NULL,
+    client_secret    text     DEFAULT NULL,
+    scope            text     DEFAULT NULL,
+    subscription_key text     DEFAULT NULL,
+    bearer_token     text     DEFAULT NULL,
+    max_calls        integer  DEFAULT 100,
+    per_interval     interval DEFAULT '60 seconds',
+    page_size        integer  DEFAULT 100,
+    ca_file          text     DEFAULT NULL)
+RETURNS void
+LANGUAGE C CALLED ON NULL INPUT VOLATILE
+AS 'MODULE_PATHNAME', 'ciflow_create_connection';
+
+CREATE OR REPLACE FUNCTION ciflow.alter_connection(
+    name             text,
+    base_url         text     DEFAULT NULL,
+    instance_id      text     DEFAULT NULL,
+    flavor           text     DEFAULT NULL,
+    token_url        text     DEFAULT NULL,
+    client_id        text     DEFAULT NULL,
+    client_secret    text     DEFAULT NULL,
+    scope            text     DEFAULT NULL,
+    subscription_key text     DEFAULT NULL,
+    bearer_token     text     DEFAULT NULL,
+    max_calls        integer  DEFAULT NULL,
+    per_interval     interval DEFAULT NULL,
+    page_size        integer  DEFAULT NULL,
+    ca_file          text     DEFAULT NULL)
+RETURNS void
+LANGUAGE C CALLED ON NULL INPUT VOLATILE
+AS 'MODULE_PATHNAME', 'ciflow_alter_connection';
+
+CREATE OR REPLACE FUNCTION ciflow.drop_connection(name text, if_exists boolean DEFAULT false)
+RETURNS void
+LANGUAGE C CALLED ON NULL INPUT VOLATILE
+AS 'MODULE_PATHNAME', 'ciflow_drop_connection';
+
+CREATE FUNCTION ciflow.grant_connection(name text, role regrole)
+RETURNS void
+LANGUAGE C STRICT VOLATILE
+AS 'MODULE_PATHNAME', 'ciflow_grant_connection';
+
+CREATE FUNCTION ciflow.revoke_connection(name text, role regrole)
+RETURNS void
+LANGUAGE C STRICT VOLATILE
+AS 'MODULE_PATHNAME', 'ciflow_revoke_connection';
+
+REVOKE ALL ON FUNCTION ciflow.grant_connection(text, regrole) FROM PUBLIC;
+REVOKE ALL ON FUNCTION ciflow.revoke_connection(text, regrole) FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION ciflow.get_entities(connection text)
+RETURNS TABLE (name text, qualified_name text, entity_type text, data_source text,
+               attributes jsonb, keys jsonb, refreshed_at timestamptz)
+LANGUAGE C STRICT VOLATILE
+AS 'MODULE_PATHNAME', 'ciflow_get_entities';
+
+CREATE OR REPLACE FUNCTION ciflow.get_items(
+    connection text,
+    entity     text,
+    filter     text    DEFAULT NULL,
+    fields     text    DEFAULT NULL,
+    orderby    text    DEFAULT NULL,
+    top        integer DEFAULT NULL,
+    skip       integer DEFAULT NULL,
+    search     text    DEFAULT NULL,
+    expand     text    DEFAULT NULL)
+RETURNS SETOF jsonb
+LANGUAGE C CALLED ON NULL INPUT VOLATILE
+AS 'MODULE_PATHNAME', 'ciflow_get_items';
+
+CREATE OR REPLACE FUNCTION ciflow.get_item(
+    connection text,
+    entity     text,
+    key_value  text,
+    key_name   text DEFAULT 'CustomerId')
+RETURNS jsonb
+LANGUAGE C CALLED ON NULL INPUT VOLATILE
+AS 'MODULE_PATHNAME', 'ciflow_get_item';
+
+/* Sync runs: the difference applied, watermarks, dumped, private. */
+ALTER TABLE ciflow.sync_runs
+    ADD COLUMN inserted  bigint NOT NULL DEFAULT 0,
+    ADD COLUMN updated   bigint NOT NULL DEFAULT 0,
+    ADD COLUMN deleted   bigint NOT NULL DEFAULT 0,
+    ADD COLUMN watermark jsonb;
+SELECT pg_catalog.pg_extension_config_dump('ciflow.sync_runs', '');
+SELECT pg_catalog.pg_extension_config_dump('ciflow.sync_runs_id_seq', '');
+
+CREATE FUNCTION ciflow.connection_owned_by(connection text, role name)
+RETURNS boolean
+LANGUAGE sql STABLE STRICT SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT EXISTS (SELECT 1 FROM ciflow.connection_settings c
+                    WHERE c.name OPERATOR(pg_catalog.=) $1
+                      AND pg_catalog.pg_has_role($2, c.owner::pg_catalog.oid, 'USAGE'))
+$$;
+REVOKE ALL ON FUNCTION ciflow.connection_owned_by(text, name) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION ciflow.connection_owned_by(text, name) TO PUBLIC;
+
+ALTER TABLE ciflow.sync_runs ENABLE ROW LEVEL SECURITY;
+CREATE POLICY sync_runs_visible ON ciflow.sync_runs FOR SELECT
+    USING (run_by OPERATOR(pg_catalog.=) current_user
+           OR ciflow.connection_owned_by(connection, current_user));
+
+ALTER VIEW ciflow.sync_progress SET (security_invoker = true);
+
+/*
+ * ciflow.sync takes publish and adopt.  The signature changes, so the
+ * function is made anew; the EXECUTE grants an administrator gave on the
+ * 0.1 function are carried over to it.
+ */
+CREATE TEMP TABLE ciflow_sync_grants ON COMMIT DROP AS
+    SELECT a.grantee::regrole::text AS grantee, a.is_grantable
+      FROM pg_catalog.pg_proc p, pg_catalog.aclexplode(p.proacl) a
+     WHERE p.oid = 'ciflow.sync(text, text, text, text, text, text)'::regprocedure
+       AND a.privilege_type = 'EXECUTE' AND a.grantee <> 0
+       AND a.grantee <> p.proowner;
+
+DROP FUNCTION ciflow.sync(text, text, text, text, text, text);
+CREATE FUNCTION ciflow.sync(
+    connection text,
+    entity     text,
+    target     text DEFAULT NULL,
+    filter     text DEFAULT NULL,
+    fields     text DEFAULT NULL,
+    mode       text DEFAULT 'full',
+    publish    text DEFAULT 'diff',
+    adopt      boolean DEFAULT false)
+RETURNS ciflow.sync_runs
+LANGUAGE C CALLED ON NULL INPUT VOLATILE
+AS 'MODULE_PATHNAME', 'ciflow_sync';
+REVOKE ALL ON FUNCTION ciflow.sync(text, text, text, text, text, text, text, boolean) FROM PUBLIC;
+
+DO $$
+DECLARE
+    g record;
+BEGIN
+    FOR g IN SELECT * FROM ciflow_sync_grants LOOP
+        EXECUTE pg_catalog.format(
+            'GRANT EXECUTE ON FUNCTION ciflow.sync(text, text, text, text, text, text, text, boolean) TO %s%s',
+            g.grantee, CASE WHEN g.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END);
+    END LOOP;
+END
+$$;
+DROP TABLE ciflow_sync_grants;

@@ -1,0 +1,256 @@
+/*
+ * ciflow 0.2: catalog and SQL surface, as a fresh install creates it.  The
+ * C code in src/ owns the behaviour.  ciflow--0.1--0.2.sql must leave a 0.1
+ * database with exactly these objects, columns and grants
+ * (tests/extension/test_upgrade.py compares them).
+ */
+\echo Use "CREATE EXTENSION ciflow" to load this file. \quit
+
+/*
+ * Connections.  Non-secret settings and secrets live in separate tables so
+ * that no privilege on the settings ever reaches a secret; the view
+ * ciflow.connections shows only whether each secret is set.
+ */
+CREATE TABLE ciflow.connection_settings (
+    name            text PRIMARY KEY
+                    CHECK (name ~ '^[a-z_][a-z0-9_]*$' AND octet_length(name) < 64),
+    base_url        text NOT NULL,
+    instance_id     text,
+    flavor          text NOT NULL DEFAULT 'customer_insights'
+                    CHECK (flavor IN ('customer_insights', 'dataverse', 'odata')),
+    token_url       text,
+    client_id       text,
+    scope           text,
+    max_calls       integer NOT NULL DEFAULT 100 CHECK (max_calls > 0),
+    per_interval    interval NOT NULL DEFAULT '60 seconds' CHECK (per_interval > interval '0'),
+    page_size       integer NOT NULL DEFAULT 100 CHECK (page_size BETWEEN 1 AND 5000),
+    ca_file         text,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    owner           regrole NOT NULL    -- may alter, drop and grant it
+);
+
+CREATE TABLE ciflow.connection_secrets (
+    connection       text PRIMARY KEY
+                     REFERENCES ciflow.connection_settings (name) ON DELETE CASCADE,
+    client_secret    text,
+    subscription_key text,
+    bearer_token     text
+);
+
+/*
+ * Use of a connection is a privilege of its own: its owner, the roles it
+ * was granted to (and their members), and superusers may call the service
+ * through it (src/connection.c checks it on every call).
+ */
+CREATE TABLE ciflow.connection_grants (
+    connection  text NOT NULL
+                REFERENCES ciflow.connection_settings (name) ON DELETE CASCADE,
+    grantee     regrole NOT NULL,
+    granted_by  regrole NOT NULL,
+    granted_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (connection, grantee)
+);
+
+/* Every setting but the secrets, of the connections the role may use. */
+CREATE VIEW ciflow.connections AS
+    SELECT c.name, c.base_url, c.instance_id, c.flavor, c.token_url, c.client_id,
+           c.scope, c.max_calls, c.per_interval, c.page_size, c.ca_file,
+           s.client_secret IS NOT NULL    AS has_client_secret,
+           s.subscription_key IS NOT NULL AS has_subscription_key,
+           s.bearer_token IS NOT NULL     AS has_bearer_token,
+           c.created_at, c.updated_at, c.owner
+      FROM ciflow.connection_settings c
+      LEFT JOIN ciflow.connection_secrets s ON s.connection = c.name
+     WHERE pg_catalog.pg_has_role(c.owner::pg_catalog.oid, 'USAGE')
+        OR EXISTS (SELECT 1 FROM ciflow.connection_grants g
+                    WHERE g.connection = c.name
+                      AND pg_catalog.pg_has_role(g.grantee::pg_catalog.oid, 'USAGE'));
+
+/*
+ * Row-level security without a policy: even a role that is GRANTed SELECT
+ * on this table sees no rows.  Superusers (and ciflow's C code, which reads
+ * as one) bypass it.
+ */
+ALTER TABLE ciflow.connection_secrets ENABLE ROW LEVEL SECURITY;
+ALTER TABLE ciflow.connection_secrets FORCE ROW LEVEL SECURITY;
+
+SELECT pg_catalog.pg_extension_config_dump('ciflow.connection_settings', '');
+SELECT pg_catalog.pg_extension_config_dump('ciflow.connection_secrets', '');
+SELECT pg_catalog.pg_extension_config_dump('ciflow.connection_grants', '');
+
+CREATE FUNCTION ciflow.create_connection(
+    name             text,
+    base_url         text,
+    instance_id      text     DEFAULT NULL,
+    flavor           text     DEFAULT 'customer_insights',
+    token_url        text     DEFAULT NULL,
+    client_id        text     DEFAULT NULL,
+    client_secret    text     DEFAULT NULL,
+    scope            text     DEFAULT NULL,
+    subscription_key text     DEFAULT NULL,
+    bearer_token     text     DEFAULT NULL,
+    max_calls        integer  DEFAULT 100,
+    per_interval     interval DEFAULT '60 seconds',
+    page_size        integer  DEFAULT 100,
+    ca_file          text     DEFAULT NULL)
+RETURNS void
+LANGUAGE C CALLED ON NULL INPUT VOLATILE
+AS 'MODULE_PATHNAME', 'ciflow_create_connection';
+
+CREATE FUNCTION ciflow.alter_connection(
+    name             text,
+    base_url         text     DEFAULT NULL,
+    instance_id      text     DEFAULT NULL,
+    flavor           text     DEFAULT NULL,
+    token_url        text     DEFAULT NULL,
+    client_id        text     DEFAULT NULL,
+    client_secret    text     DEFAULT NULL,
+    scope            text     DEFAULT NULL,
+    subscription_key text     DEFAULT NULL,
+    bearer_token     text     DEFAULT NULL,
+    max_calls        integer  DEFAULT NULL,
+    per_interval     interval DEFAULT NULL,
+    page_size        integer  DEFAULT NULL,
+    ca_file          text     DEFAULT NULL)
+RETURNS void
+LANGUAGE C CALLED ON NULL INPUT VOLATILE
+AS 'MODULE_PATHNAME', 'ciflow_alter_connection';
+
+CREATE FUNCTION ciflow.drop_connection(name text, if_exists boolean DEFAULT false)
+RETURNS void
+LANGUAGE C CALLED ON NULL INPUT VOLATILE
+AS 'MODULE_PATHNAME', 'ciflow_drop_connection';
+
+CREATE FUNCTION ciflow.grant_connection(name text, role regrole)
+RETURNS void
+LANGUAGE C STRICT VOLATILE
+AS 'MODULE_PATHNAME', 'ciflow_grant_connection';
+
+CREATE FUNCTION ciflow.revoke_connection(name text, role regrole)
+RETURNS void
+LANGUAGE C STRICT VOLATILE
+AS 'MODULE_PATHNAME', 'ciflow_revoke_connection';
+
+/* Actions: one call to the service, answered in the calling session. */
+CREATE FUNCTION ciflow.get_entities(connection text)
+RETURNS TABLE (name text, qualified_name text, entity_type text, data_source text,
+               attributes jsonb, keys jsonb, refreshed_at timestamptz)
+LANGUAGE C STRICT VOLATILE
+AS 'MODULE_PATHNAME', 'ciflow_get_entities';
+
+CREATE FUNCTION ciflow.get_items(
+    connection text,
+    entity     text,
+    filter     text    DEFAULT NULL,
+    fields     text    DEFAULT NULL,
+    orderby    text    DEFAULT NULL,
+    top        integer DEFAULT NULL,
+    skip       integer DEFAULT NULL,
+    search     text    DEFAULT NULL,
+    expand     text    DEFAULT NULL)
+RETURNS SETOF jsonb
+LANGUAGE C CALLED ON NULL INPUT VOLATILE
+AS 'MODULE_PATHNAME', 'ciflow_get_items';
+
+CREATE FUNCTION ciflow.get_item(
+    connection text,
+    entity     text,
+    key_value  text,
+    key_name   text DEFAULT 'CustomerId')
+RETURNS jsonb
+LANGUAGE C CALLED ON NULL INPUT VOLATILE
+AS 'MODULE_PATHNAME', 'ciflow_get_item';
+
+/* Sync runs: one row per ciflow.sync, written in short transactions of their own. */
+CREATE TABLE ciflow.sync_runs (
+    id            bigserial PRIMARY KEY,
+    connection    text NOT NULL,
+    entity        text NOT NULL,
+    target        text NOT NULL,
+    mode          text NOT NULL CHECK (mode IN ('full', 'incremental')),
+    status        text NOT NULL DEFAULT 'running'
+                  CHECK (status IN ('running', 'succeeded', 'failed')),
+    started_at    timestamptz NOT NULL DEFAULT clock_timestamp(),
+    finished_at   timestamptz,
+    pages         integer NOT NULL DEFAULT 0,
+    rows          bigint NOT NULL DEFAULT 0,
+    api_calls     integer NOT NULL DEFAULT 0,
+    retries       integer NOT NULL DEFAULT 0,
+    http_status   integer,
+    error         text,
+    rows_expected bigint,
+    run_by        name NOT NULL DEFAULT current_user,
+    pid           integer,
+    -- 0.2 (sync): the difference a run applied, and where an incremental
+    -- run resumes ({"attribute": ..., "value": ...} or {"delta_link": ...}).
+    inserted      bigint NOT NULL DEFAULT 0,
+    updated       bigint NOT NULL DEFAULT 0,
+    deleted       bigint NOT NULL DEFAULT 0,
+    watermark     jsonb
+);
+CREATE INDEX sync_runs_running ON ciflow.sync_runs (target) WHERE status = 'running';
+
+/* History and watermarks survive pg_dump and pg_restore. */
+SELECT pg_catalog.pg_extension_config_dump('ciflow.sync_runs', '');
+SELECT pg_catalog.pg_extension_config_dump('ciflow.sync_runs_id_seq', '');
+
+/*
+ * Runs are private: a role sees the runs it made, the owner of a
+ * connection every run of it; superusers bypass row-level security.
+ * ciflow's C code writes as the table's owner, which the policy does not
+ * bind.  The helper is SECURITY DEFINER because the caller may not read
+ * connection_settings; it answers only whether a role owns a connection.
+ */
+CREATE FUNCTION ciflow.connection_owned_by(connection text, role name)
+RETURNS boolean
+LANGUAGE sql STABLE STRICT SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT EXISTS (SELECT 1 FROM ciflow.connection_settings c
+                    WHERE c.name OPERATOR(pg_catalog.=) $1
+                      AND pg_catalog.pg_has_role($2, c.owner::pg_catalog.oid, 'USAGE'))
+$$;
+
+ALTER TABLE ciflow.sync_runs ENABLE ROW LEVEL SECURITY;
+CREATE POLICY sync_runs_visible ON ciflow.sync_runs FOR SELECT
+    USING (run_by OPERATOR(pg_catalog.=) current_user
+           OR ciflow.connection_owned_by(connection, current_user));
+
+/*
+ * waiting: the run's worker sleeps for a free call slot or a retry delay
+ * (its latch waits are the only 'Extension' waits; a transfer is not one).
+ * security_invoker: the reader's own rights and sync_runs' policy apply.
+ */
+CREATE VIEW ciflow.sync_progress WITH (security_invoker = true) AS
+    SELECT r.id AS run_id, r.connection, r.entity, r.target, r.pages, r.rows,
+           r.rows_expected, r.api_calls AS calls,
+           coalesce(a.wait_event_type = 'Extension', false) AS waiting,
+           r.started_at, clock_timestamp() - r.started_at AS elapsed
+      FROM ciflow.sync_runs r
+      LEFT JOIN pg_catalog.pg_stat_activity a
+             ON a.pid = r.pid AND a.backend_type = 'ciflow sync'
+     WHERE r.status = 'running';
+
+CREATE FUNCTION ciflow.sync(
+    connection text,
+    entity     text,
+    target     text DEFAULT NULL,
+    filter     text DEFAULT NULL,
+    fields     text DEFAULT NULL,
+    mode       text DEFAULT 'full',
+    publish    text DEFAULT 'diff',
+    adopt      boolean DEFAULT false)
+RETURNS ciflow.sync_runs
+LANGUAGE C CALLED ON NULL INPUT VOLATILE
+AS 'MODULE_PATHNAME', 'ciflow_sync';
+
+/*
+ * Nothing is executable or readable by PUBLIC: an administrator grants what
+ * each role needs.  Secrets are readable by superusers only, whatever is granted.
+ */
+REVOKE ALL ON ALL TABLES IN SCHEMA ciflow FROM PUBLIC;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA ciflow FROM PUBLIC;
+GRANT USAGE ON SCHEMA ciflow TO PUBLIC;
+-- The policy on sync_runs calls it as whoever reads the table.
+GRANT EXECUTE ON FUNCTION ciflow.connection_owned_by(text, name) TO PUBLIC;
