@@ -24,6 +24,7 @@ CREATE TABLE ciflow.connection_grants (
     PRIMARY KEY (connection, grantee)
 );
 SELECT pg_catalog.pg_extension_config_dump('ciflow.connection_grants', '');
+REVOKE ALL ON ciflow.connection_grants FROM PUBLIC;
 
 CREATE OR REPLACE VIEW ciflow.connections AS
     SELECT c.name, c.base_url, c.instance_id, c.flavor, c.token_url, c.client_id,

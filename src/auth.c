@@ -80,7 +80,17 @@ FetchToken(const CiflowConnection *conn, const char *failmsg, int *expires_in)
 	req.api_call = false;
 	req.failmsg = failmsg;
 	req.detail_prefix = "Token endpoint: ";
-	root = CiflowRequestJson(&req);
+	PG_TRY();
+	{
+		root = CiflowRequestJson(&req);
+	}
+	PG_CATCH();
+	{
+		/* The form holds the client secret, whatever the answer was. */
+		CiflowFreeSecret(form.data);
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
 	CiflowFreeSecret(form.data);
 
 	token = CiflowJsonString(root, "access_token");

@@ -116,7 +116,11 @@ CiflowCatalogLookup(const char *relname, const char *column, const char *value,
 	List	   *result = NIL;
 
 	if (attno == InvalidAttrNumber)
-		elog(ERROR, "ciflow.%s has no column \"%s\"", relname, column);
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("ciflow's tables are older than its library"),
+				 errdetail("ciflow.%s has no column \"%s\".", relname, column),
+				 errhint("Run ALTER EXTENSION ciflow UPDATE.")));
 
 	/*
 	 * A heap scan with a key: these tables are small, and it leaves the
@@ -157,7 +161,11 @@ CiflowCatalogDatum(HeapTuple tup, TupleDesc desc, const char *column, bool *isnu
 		if (!att->attisdropped && strcmp(NameStr(att->attname), column) == 0)
 			return heap_getattr(tup, i + 1, desc, isnull);
 	}
-	elog(ERROR, "ciflow's table has no column \"%s\"", column);
+	ereport(ERROR,
+			(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+			 errmsg("ciflow's tables are older than its library"),
+			 errdetail("A table of ciflow has no column \"%s\".", column),
+			 errhint("Run ALTER EXTENSION ciflow UPDATE.")));
 	pg_unreachable();
 }
 

@@ -284,6 +284,81 @@ AddHeader(CiflowTransfer *t, char *header)
 	t->headers[t->nheaders++] = header;
 }
 
+/*
+ * One attempt: credentials, a slot of the call limit, the transfer.  The
+ * credential headers exist only inside this function and are wiped on the
+ * way out, also when the wait for a slot or the transfer is interrupted.
+ */
+static void
+PerformAttempt(const CiflowRequest *req, CiflowTransfer *t, bool force_new_token,
+			   int attempt)
+{
+	const CiflowConnection *conn = req->conn;
+	char	   *volatile token = NULL;
+	char	   *volatile auth_header = NULL;
+	char	   *volatile key_header = NULL;
+
+	memset(t, 0, sizeof(*t));
+	t->method = req->method ? req->method : "GET";
+	t->url = req->url;
+	t->body = req->body;
+	t->ca_file = conn->ca_file;
+
+	PG_TRY();
+	{
+		if (req->api_call)
+		{
+			token = CiflowBearerToken(conn, force_new_token, req->failmsg);
+			AddHeader(t, "Accept: application/json;odata.metadata=minimal;IEEE754Compatible=true");
+			if (token != NULL)
+			{
+				auth_header = psprintf("Authorization: Bearer %s", token);
+				AddHeader(t, auth_header);
+			}
+			if (conn->subscription_key != NULL)
+			{
+				key_header = psprintf("Ocp-Apim-Subscription-Key: %s",
+									  conn->subscription_key);
+				AddHeader(t, key_header);
+			}
+			if (conn->flavor == CIFLOW_FLAVOR_DATAVERSE)
+				AddHeader(t, "OData-Version: 4.0");
+			if (req->prefer != NULL)
+				AddHeader(t, psprintf("Prefer: %s", req->prefer));
+		}
+		else
+		{
+			AddHeader(t, "Accept: application/json");
+			if (req->body != NULL)
+				AddHeader(t, "Content-Type: application/x-www-form-urlencoded");
+		}
+
+		/* Every attempt is a call: retries count against the limit too. */
+		if (req->api_call)
+			CiflowRateLimitAcquire(conn);
+		if (req->stats)
+		{
+			req->stats->calls++;
+			/* A transport failure has no status: never report an older one. */
+			req->stats->last_status = 0;
+		}
+		elog(DEBUG1, "ciflow: %s %s (attempt %d)", t->method,
+			 req->api_call ? req->url : "token endpoint", attempt);
+		CiflowHttpTransfer(t);
+	}
+	PG_CATCH();
+	{
+		CiflowFreeSecret(token);
+		CiflowFreeSecret(auth_header);
+		CiflowFreeSecret(key_header);
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+	CiflowFreeSecret(token);
+	CiflowFreeSecret(auth_header);
+	CiflowFreeSecret(key_header);
+}
+
 CiflowResponse
 CiflowRequestPerform(const CiflowRequest *req)
 {
@@ -308,62 +383,12 @@ CiflowRequestPerform(const CiflowRequest *req)
 	for (;;)
 	{
 		CiflowTransfer t;
-		char	   *auth_header = NULL;
-		char	   *key_header = NULL;
 		int64		wait_ms;
 
 		CHECK_FOR_INTERRUPTS();
 		attempt++;
-
-		memset(&t, 0, sizeof(t));
-		t.method = req->method ? req->method : "GET";
-		t.url = req->url;
-		t.body = req->body;
-		t.ca_file = conn->ca_file;
-		if (req->api_call)
-		{
-			char	   *token = CiflowBearerToken(conn, force_new_token, req->failmsg);
-
-			force_new_token = false;
-			AddHeader(&t, "Accept: application/json;odata.metadata=minimal;IEEE754Compatible=true");
-			if (token != NULL)
-			{
-				auth_header = psprintf("Authorization: Bearer %s", token);
-				AddHeader(&t, auth_header);
-				CiflowFreeSecret(token);
-			}
-			if (conn->subscription_key != NULL)
-			{
-				key_header = psprintf("Ocp-Apim-Subscription-Key: %s",
-									  conn->subscription_key);
-				AddHeader(&t, key_header);
-			}
-			if (conn->flavor == CIFLOW_FLAVOR_DATAVERSE)
-				AddHeader(&t, "OData-Version: 4.0");
-			if (req->prefer != NULL)
-				AddHeader(&t, psprintf("Prefer: %s", req->prefer));
-		}
-		else
-		{
-			AddHeader(&t, "Accept: application/json");
-			if (req->body != NULL)
-				AddHeader(&t, "Content-Type: application/x-www-form-urlencoded");
-		}
-
-		/* Every attempt is a call: retries count against the limit too. */
-		if (req->api_call)
-			CiflowRateLimitAcquire(conn);
-		if (req->stats)
-		{
-			req->stats->calls++;
-			/* A transport failure has no status: never report an older one. */
-			req->stats->last_status = 0;
-		}
-		elog(DEBUG1, "ciflow: %s %s (attempt %d)", t.method,
-			 req->api_call ? req->url : "token endpoint", attempt);
-		CiflowHttpTransfer(&t);
-		CiflowFreeSecret(auth_header);
-		CiflowFreeSecret(key_header);
+		PerformAttempt(req, &t, force_new_token, attempt);
+		force_new_token = false;
 
 		if (t.error != CIFLOW_TRANSPORT_OK)
 		{
@@ -443,7 +468,8 @@ CiflowReframeError(ErrorData *edata, const char *failmsg)
 	appendStringInfoString(&detail, edata->message ? edata->message : "unknown error");
 	if (edata->detail)
 		appendStringInfo(&detail, "; %s", edata->detail);
-	if (edata->context)
+	/* A statement of ciflow's own is not the user's business. */
+	if (edata->context && strncmp(edata->context, "SQL statement", 13) != 0)
 		appendStringInfo(&detail, "; %.*s", (int) strcspn(edata->context, "\n"),
 						 edata->context);
 	edata->message = pstrdup(failmsg);
