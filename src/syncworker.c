@@ -6,13 +6,21 @@
  *
  *	  Why a worker: a sync commits its run row, its pages and its end in
  *	  transactions of its own, which a function called inside the caller's
- *	  transaction cannot do.  The caller validates its arguments, resolves
+ *	  transaction cannot do; like VACUUM it therefore refuses to run inside
+ *	  a transaction block.  The caller validates its arguments, resolves
  *	  the target with its own search_path, hands everything (its ciflow.*
- *	  settings included) to the worker through a DSM segment, waits, and
- *	  re-raises the worker's error or returns the finished run.  The worker
- *	  acts as the calling role.  Cancelling the caller (or its
- *	  statement_timeout) terminates the worker, which records its run as
- *	  failed before it exits.
+ *	  settings included) to the worker through a DSM segment, and waits.
+ *	  The worker acts as the calling role.
+ *
+ *	  A sync belongs to its caller, as a parallel worker belongs to its
+ *	  leader: the worker's NOTICEs, WARNINGs and its ERROR travel back
+ *	  through a shm_mq (pq_redirect_to_shm_mq) and are raised in the
+ *	  caller's session with every field; a cancel, statement_timeout or the
+ *	  end of the caller's session terminates the worker (an error-cleanup
+ *	  callback, which also runs at FATAL exit) and waits for it to record
+ *	  its run as failed.  Page transactions do not wait for WAL flushes
+ *	  (synchronous_commit off in the worker); the worker flushes the WAL of
+ *	  its last commit before it reports.
  *
  *-------------------------------------------------------------------------
  */
@@ -20,9 +28,12 @@
 
 #include "access/htup_details.h"
 #include "access/xact.h"
+#include "access/xlog.h"
 #include "catalog/namespace.h"
 #include "fmgr.h"
 #include "funcapi.h"
+#include "libpq/pqformat.h"
+#include "libpq/pqmq.h"
 #include "miscadmin.h"
 #include "pgstat.h"
 #include "postmaster/bgworker.h"
@@ -31,7 +42,10 @@
 #include "storage/latch.h"
 #include "storage/lock.h"
 #include "storage/proc.h"
+#include "storage/shm_mq.h"
+#include "tcop/tcopprot.h"
 #include "utils/builtins.h"
+#include "utils/guc.h"
 #include "utils/lsyscache.h"
 #include "utils/timestamp.h"
 
@@ -43,7 +57,10 @@
 CIFLOW_SQL_FUNCTION(ciflow_sync);
 PGDLLEXPORT void ciflow_sync_worker_main(Datum main_arg);
 
-#define SYNC_SHARED_MAGIC 0x63696631
+#define SYNC_SHARED_MAGIC 0x63696632
+
+/* The worker's messages: as roomy as a parallel worker's error queue. */
+#define SYNC_QUEUE_SIZE 16384
 
 /* The strings a sync needs, in this order, in SyncShared.strings. */
 typedef enum SyncString
@@ -68,15 +85,12 @@ typedef struct SyncShared
 	bool		adopt;			/* may fill a table no run has filled */
 	CiflowSettings settings;
 
-	/* written by the worker */
+	/* written by the worker; its error comes through the queue */
 	bool		finished;
 	bool		failed;
 	CiflowRunState run;
-	int			sqlerrcode;
-	char		message[1024];
-	char		detail[4096];
-	char		hint[1024];
 
+	Size		queue_offset;	/* the shm_mq, after the strings */
 	int			offsets[NUM_SYNC_STRINGS];	/* -1 for NULL */
 	char		strings[FLEXIBLE_ARRAY_MEMBER];
 } SyncShared;
@@ -102,11 +116,34 @@ SyncWorkerSigterm(SIGNAL_ARGS)
 	errno = save_errno;
 }
 
+/*
+ * Hands the worker's error to the caller through the queue, with every
+ * field, and keeps it out of the worker's own log line: the caller's
+ * session raises and logs it.
+ */
+static void
+SendErrorToCaller(ErrorData *edata)
+{
+	edata->output_to_server = false;
+	edata->output_to_client = true;
+	PG_TRY();
+	{
+		ReThrowError(edata);
+	}
+	PG_CATCH();
+	{
+		EmitErrorReport();
+		FlushErrorState();
+	}
+	PG_END_TRY();
+}
+
 void
 ciflow_sync_worker_main(Datum main_arg)
 {
 	dsm_segment *seg;
 	SyncShared *sh;
+	shm_mq	   *mq;
 	CiflowSyncArgs args;
 
 	pqsignal(SIGTERM, SyncWorkerSigterm);
@@ -123,6 +160,11 @@ ciflow_sync_worker_main(Datum main_arg)
 				(errcode(ERRCODE_DATA_CORRUPTED),
 				 errmsg("ciflow sync worker: bad shared memory segment")));
 
+	/* From here on, what the worker reports goes to the caller. */
+	mq = (shm_mq *) ((char *) sh + sh->queue_offset);
+	shm_mq_set_sender(mq, MyProc);
+	pq_redirect_to_shm_mq(seg, shm_mq_attach(mq, seg, NULL));
+
 	/*
 	 * Connect as the role that logged in (it may log in), then act as the
 	 * caller's current role, which may be a NOLOGIN role taken by SET ROLE.
@@ -130,6 +172,12 @@ ciflow_sync_worker_main(Datum main_arg)
 	BackgroundWorkerInitializeConnectionByOid(sh->dbid, sh->login_userid, 0);
 	SetUserIdAndSecContext(sh->userid, 0);
 	ciflow_settings = sh->settings;
+
+	/*
+	 * Each page is a transaction of its own; none needs to wait for its WAL
+	 * to reach disk, only the last one does (below).
+	 */
+	SetConfigOption("synchronous_commit", "off", PGC_USERSET, PGC_S_SESSION);
 
 	args.connection = SharedString(sh, STR_CONNECTION);
 	args.entity = SharedString(sh, STR_ENTITY);
@@ -155,12 +203,12 @@ ciflow_sync_worker_main(Datum main_arg)
 		edata = CopyErrorData();
 		FlushErrorState();
 		sh->failed = true;
-		sh->sqlerrcode = edata->sqlerrcode;
-		strlcpy(sh->message, edata->message ? edata->message : "", sizeof(sh->message));
-		strlcpy(sh->detail, edata->detail ? edata->detail : "", sizeof(sh->detail));
-		strlcpy(sh->hint, edata->hint ? edata->hint : "", sizeof(sh->hint));
+		SendErrorToCaller(edata);
 	}
 	PG_END_TRY();
+
+	/* The run's end (and the data) are durable before the caller hears. */
+	XLogFlush(XactLastCommitEnd);
 
 	pg_write_barrier();
 	sh->finished = true;
@@ -185,8 +233,12 @@ CreateShared(const char *strings[NUM_SYNC_STRINGS])
 	int			i;
 	int			off = 0;
 
+	Size		queue_offset;
+
 	for (i = 0; i < NUM_SYNC_STRINGS; i++)
 		size += strings[i] ? strlen(strings[i]) + 1 : 0;
+	queue_offset = MAXALIGN(size);
+	size = queue_offset + SYNC_QUEUE_SIZE;
 	seg = dsm_create(size, 0);
 	sh = dsm_segment_address(seg);
 	memset(sh, 0, offsetof(SyncShared, strings));
@@ -195,6 +247,7 @@ CreateShared(const char *strings[NUM_SYNC_STRINGS])
 	sh->login_userid = GetAuthenticatedUserId();
 	sh->userid = GetUserId();
 	sh->settings = ciflow_settings;
+	sh->queue_offset = queue_offset;
 	for (i = 0; i < NUM_SYNC_STRINGS; i++)
 	{
 		sh->offsets[i] = strings[i] ? off : -1;
@@ -208,15 +261,70 @@ CreateShared(const char *strings[NUM_SYNC_STRINGS])
 }
 
 /*
- * Waits for the worker; a cancel of the caller terminates it.  The wait
- * functions sleep on the latch and check for interrupts themselves.
+ * Runs at an error or FATAL exit of the caller while the worker runs: the
+ * worker is told to stop and waited for, so that when the caller's error
+ * (or its session's end) is seen, the run is recorded as failed and the
+ * target is as it was.
  */
 static void
+StopWorker(int code, Datum arg)
+{
+	BackgroundWorkerHandle *handle = (BackgroundWorkerHandle *) DatumGetPointer(arg);
+
+	(void) code;
+	TerminateBackgroundWorker(handle);
+	HOLD_INTERRUPTS();
+	(void) WaitForBackgroundWorkerShutdown(handle);
+	RESUME_INTERRUPTS();
+}
+
+/*
+ * Re-raises a NOTICE or WARNING of the worker here; keeps its ERROR (the
+ * last message it sends) for the caller to raise once the worker is gone.
+ */
+static void
+HandleWorkerMessage(const char *data, Size nbytes, ErrorData **error)
+{
+	StringInfoData msg;
+	char		msgtype;
+	ErrorData	edata;
+
+	initStringInfo(&msg);
+	appendBinaryStringInfo(&msg, data, nbytes);
+	msgtype = pq_getmsgbyte(&msg);
+	if (msgtype != 'E' && msgtype != 'N')
+		return;					/* NOTIFY and the like mean nothing here */
+	pq_parse_errornotice(&msg, &edata);
+	if (msgtype == 'E')
+	{
+		*error = palloc(sizeof(ErrorData));
+		**error = edata;
+		(*error)->elevel = ERROR;
+	}
+	else
+	{
+		edata.elevel = Min(edata.elevel, WARNING);
+		ThrowErrorData(&edata);
+	}
+}
+
+/*
+ * Starts the worker and relays its messages until it is gone; returns its
+ * ERROR, if it sent one.  The waits sleep on the latch, which the queue
+ * sets, and check for interrupts.
+ */
+static ErrorData *
 RunWorker(dsm_segment *seg, const char *connection, const char *entity)
 {
+	SyncShared *sh = dsm_segment_address(seg);
+	shm_mq	   *mq = (shm_mq *) ((char *) sh + sh->queue_offset);
+	shm_mq_handle *mqh;
 	BackgroundWorker worker;
 	BackgroundWorkerHandle *handle;
-	pid_t		pid;
+	ErrorData  *error = NULL;
+
+	mq = shm_mq_create(mq, SYNC_QUEUE_SIZE);
+	shm_mq_set_receiver(mq, MyProc);
 
 	memset(&worker, 0, sizeof(worker));
 	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
@@ -235,18 +343,34 @@ RunWorker(dsm_segment *seg, const char *connection, const char *entity)
 				 errmsg("%s", SyncFailMessage(connection, entity)),
 				 errdetail("No background worker slot is free for the sync."),
 				 errhint("Raise max_worker_processes, or run fewer syncs at once.")));
+	/* With the handle, a worker that never starts reads as detached. */
+	mqh = shm_mq_attach(mq, seg, handle);
 
-	PG_TRY();
+	PG_ENSURE_ERROR_CLEANUP(StopWorker, PointerGetDatum(handle));
 	{
-		if (WaitForBackgroundWorkerStartup(handle, &pid) == BGWH_STARTED)
-			(void) WaitForBackgroundWorkerShutdown(handle);
+		for (;;)
+		{
+			Size		nbytes;
+			void	   *data;
+			shm_mq_result res;
+
+			CHECK_FOR_INTERRUPTS();
+			res = shm_mq_receive(mqh, &nbytes, &data, true);
+			if (res == SHM_MQ_SUCCESS)
+				HandleWorkerMessage(data, nbytes, &error);
+			else if (res == SHM_MQ_DETACHED)
+				break;
+			else
+			{
+				(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_EXIT_ON_PM_DEATH, -1,
+								 PG_WAIT_EXTENSION);
+				ResetLatch(MyLatch);
+			}
+		}
+		(void) WaitForBackgroundWorkerShutdown(handle);
 	}
-	PG_CATCH();
-	{
-		TerminateBackgroundWorker(handle);
-		PG_RE_THROW();
-	}
-	PG_END_TRY();
+	PG_END_ENSURE_ERROR_CLEANUP(StopWorker, PointerGetDatum(handle));
+	return error;
 }
 
 /*
@@ -356,6 +480,7 @@ ciflow_sync(PG_FUNCTION_ARGS)
 	char	   *table;
 	dsm_segment *seg;
 	SyncShared *sh;
+	ErrorData  *error;
 	Datum		result;
 
 	MemoryContext cxt = CurrentMemoryContext;
@@ -368,6 +493,14 @@ ciflow_sync(PG_FUNCTION_ARGS)
 	strings[STR_PUBLISH] = PG_NARGS() <= 6 || PG_ARGISNULL(6) ? "diff" : CiflowTextArg(fcinfo, 6);
 
 	CiflowRefuseRestricted();
+
+	/* Like VACUUM: it commits on its own, which a ROLLBACK could not undo. */
+	if (IsTransactionBlock() || IsSubTransaction())
+		ereport(ERROR,
+				(errcode(ERRCODE_ACTIVE_SQL_TRANSACTION),
+				 errmsg("ciflow.sync cannot run inside a transaction block"),
+				 errdetail("A sync commits its pages and its run in transactions of its own."),
+				 errhint("Run it on its own, outside BEGIN ... COMMIT.")));
 
 	/* Unknown connections and bad arguments fail here, before any worker. */
 	PG_TRY();
@@ -405,9 +538,11 @@ ciflow_sync(PG_FUNCTION_ARGS)
 	seg = CreateShared(strings);
 	sh = dsm_segment_address(seg);
 	sh->adopt = PG_NARGS() > 7 && !PG_ARGISNULL(7) && PG_GETARG_BOOL(7);
-	RunWorker(seg, strings[STR_CONNECTION], strings[STR_ENTITY]);
+	error = RunWorker(seg, strings[STR_CONNECTION], strings[STR_ENTITY]);
 	pg_read_barrier();
 
+	if (error != NULL)
+		ThrowErrorData(error);
 	if (!sh->finished)
 		ereport(ERROR,
 				(errcode(ERRCODE_INTERNAL_ERROR),
@@ -416,10 +551,10 @@ ciflow_sync(PG_FUNCTION_ARGS)
 				 errhint("See ciflow.sync_runs and the server log.")));
 	if (sh->failed)
 		ereport(ERROR,
-				(errcode(sh->sqlerrcode),
-				 errmsg("%s", sh->message),
-				 sh->detail[0] ? errdetail("%s", sh->detail) : 0,
-				 sh->hint[0] ? errhint("%s", sh->hint) : 0));
+				(errcode(ERRCODE_INTERNAL_ERROR),
+				 errmsg("%s", SyncFailMessage(strings[STR_CONNECTION], strings[STR_ENTITY])),
+				 errdetail("The sync worker failed without saying why."),
+				 errhint("See ciflow.sync_runs and the server log.")));
 
 	result = RunRow(fcinfo, sh, CiflowTargetName(schema, table));
 	dsm_detach(seg);

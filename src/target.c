@@ -341,6 +341,11 @@ NewStagingName(const char *table)
 static void
 DropTableIfExists(const char *schema, const char *table)
 {
+	/* Quietly: the caller sees the worker's NOTICEs, and this is not news. */
+	Oid			nspid = get_namespace_oid(schema, true);
+
+	if (!OidIsValid(nspid) || !OidIsValid(get_relname_relid(table, nspid)))
+		return;
 	ExecSql(psprintf("DROP TABLE IF EXISTS %s",
 					 quote_qualified_identifier(schema, table)));
 }

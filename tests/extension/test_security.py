@@ -235,9 +235,15 @@ def user_roles(ciflow_db, pg_cluster):
 
 
 def as_role(db, role, query, params=None):
-    with db.connect(user=role) as conn, conn.cursor() as cur:
-        cur.execute(query, params)
-        return cur.fetchall() if cur.description else None
+    # Not `with conn`: psycopg2 2.9 opens a transaction block even in
+    # autocommit, and ciflow.sync refuses to run in one.
+    conn = db.connect(user=role)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(query, params)
+            return cur.fetchall() if cur.description else None
+    finally:
+        conn.close()
 
 
 def test_use_of_a_connection_needs_a_grant(ciflow_db, ci_connection, emulator, user_roles):
