@@ -48,6 +48,12 @@ CATALOG_QUERIES = {
     "schema": """
         SELECT nspname, coalesce(array_to_string(nspacl, ','), '')
           FROM pg_namespace WHERE nspname = 'ciflow'""",
+    "comments": """
+        SELECT pg_describe_object(d.classoid, d.objoid, d.objsubid), d.description
+          FROM pg_description d
+          JOIN pg_depend e ON e.classid = d.classoid AND e.objid = d.objoid
+         WHERE e.deptype = 'e'
+           AND e.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'ciflow')""",
     "config_dump": """
         SELECT unnest(extconfig)::regclass::text FROM pg_extension WHERE extname = 'ciflow'""",
 }
