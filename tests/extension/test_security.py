@@ -486,3 +486,31 @@ def test_library_exports_only_ciflow_symbols():
     odd = [n for n in names if not (n.startswith("ciflow_") or n.startswith("pg_finfo_ciflow_")
                                     or n in ("Pg_magic_func", "_PG_init"))]
     assert odd == [], odd
+
+
+def test_readme_grants_are_enough_to_sync(ciflow_db, ci_connection, emulator, pg_cluster):
+    """The grants of the README's "Security model" section, and nothing more."""
+    role = "sec_loader"
+    pg_cluster.create_role(role)
+    try:
+        for stmt in (
+                f"GRANT EXECUTE ON FUNCTION ciflow.sync(text, text, text, text, text, text, text,"
+                f" boolean), ciflow.get_entities(text) TO {role}",
+                f"GRANT SELECT ON ciflow.connections, ciflow.sync_runs, ciflow.sync_progress"
+                f" TO {role}",
+                f"GRANT CREATE ON DATABASE {qident(ciflow_db.name)} TO {role}",
+                f"SELECT ciflow.grant_connection('emu', '{role}')"):
+            ciflow_db.sql(stmt)
+        assert as_role(ciflow_db, role, "SELECT status, rows FROM ciflow.sync('emu', 'Customer',"
+                                        " target => 'loaded.customer')") == [("succeeded", 250)]
+        assert as_role(ciflow_db, role, "SELECT count(*) FROM loaded.customer") == [(250,)]
+        assert as_role(ciflow_db, role, "SELECT count(*) FROM ciflow.sync_runs") == [(1,)]
+        # Without CREATE on the database the schema cannot be made: a clear 42501.
+        ciflow_db.sql(f"REVOKE CREATE ON DATABASE {qident(ciflow_db.name)} FROM {role}")
+        with raises_sqlstate("42501") as e:
+            as_role(ciflow_db, role, "SELECT * FROM ciflow.sync('emu', 'Customer',"
+                                     " target => 'other.customer')")
+        assert "database" in (e.message or "") + (e.detail or "")
+    finally:
+        pg_cluster.sql(f"DROP OWNED BY {role} CASCADE", dbname=ciflow_db.name)
+        pg_cluster.sql(f"DROP ROLE {role}")
