@@ -6,7 +6,9 @@
  *	  Tokens are cached per process and renewed before they expire.
  *
  *	  This file owns the token request and the cache; it sends nothing to
- *	  the service itself and never logs or reports a secret.
+ *	  the service itself and never logs or reports a secret.  It sits above
+ *	  the request path (request.c performs its token request) and hands the
+ *	  request path its tokens through the token source it registers.
  *
  *-------------------------------------------------------------------------
  */
@@ -18,8 +20,8 @@
 
 #include "ciflow.h"
 #include "auth.h"
-#include "http.h"
 #include "odata.h"
+#include "request.h"
 
 /* Renew when less than this remains (the service's own advice). */
 #define RENEW_MARGIN_S 300
@@ -46,12 +48,6 @@ TokenIdentity(const CiflowConnection *conn)
 					conn->client_id ? conn->client_id : "",
 					conn->client_secret ? conn->client_secret : "",
 					conn->scope ? conn->scope : "");
-}
-
-bool
-CiflowTokenRenewable(const CiflowConnection *conn)
-{
-	return conn->bearer_token == NULL && conn->token_url != NULL;
 }
 
 static char *
@@ -115,9 +111,8 @@ FetchToken(const CiflowConnection *conn, const char *failmsg, int *expires_in)
 	return result;
 }
 
-char *
-CiflowBearerToken(const CiflowConnection *conn, bool force_new,
-				  const char *failmsg)
+static char *
+BearerToken(const CiflowConnection *conn, bool force_new, const char *failmsg)
 {
 	char	   *identity;
 	CachedToken *entry;
@@ -168,4 +163,10 @@ CiflowBearerToken(const CiflowConnection *conn, bool force_new,
 	MemoryContextSwitchTo(old);
 	CiflowFreeSecret(identity);
 	return token;
+}
+
+void
+CiflowAuthInit(void)
+{
+	CiflowSetTokenSource(BearerToken);
 }

@@ -9,18 +9,11 @@
 #ifndef CIFLOW_AUTH_H
 #define CIFLOW_AUTH_H
 
-#include "connection.h"
-#include "request.h"
-
 /*
- * Returns the bearer token to send (palloc'd), or NULL when the connection
- * has none.  force_new drops a cached token first (after a 401).  failmsg
- * is the primary message should the token request fail.
+ * Registers the token source of the request path: the static bearer_token,
+ * or one from the client-credentials grant, cached per process and renewed
+ * before it expires (or at once after a rejection).  Called by _PG_init.
  */
-extern char *CiflowBearerToken(const CiflowConnection *conn, bool force_new,
-							   const char *failmsg);
-
-/* Whether a token could be renewed at all (false for a static token). */
-extern bool CiflowTokenRenewable(const CiflowConnection *conn);
+extern void CiflowAuthInit(void);
 
 #endif							/* CIFLOW_AUTH_H */

@@ -16,6 +16,7 @@
 #include "utils/builtins.h"
 #include "utils/guc.h"
 
+#include "auth.h"
 #include "ciflow.h"
 #include "convert.h"
 #include "ratelimit.h"
@@ -92,6 +93,7 @@ _PG_init(void)
 	MarkGUCPrefixReserved("ciflow");
 
 	CiflowJsonUsepalloc();
+	CiflowAuthInit();
 	CiflowRateLimitInit();
 }
 

@@ -26,12 +26,26 @@
 #include "utils/wait_event.h"
 
 #include "ciflow.h"
-#include "auth.h"
 #include "http.h"
 #include "ratelimit.h"
 #include "request.h"
 
 #define SERVICE_MESSAGE_MAX 200
+
+static CiflowTokenSource token_source = NULL;
+
+void
+CiflowSetTokenSource(CiflowTokenSource source)
+{
+	token_source = source;
+}
+
+/* A token from a token endpoint can be renewed; a static one cannot. */
+static bool
+TokenRenewable(const CiflowConnection *conn)
+{
+	return conn->bearer_token == NULL && conn->token_url != NULL;
+}
 
 static const char *
 MemberString(json_t *obj, const char *key)
@@ -308,7 +322,8 @@ PerformAttempt(const CiflowRequest *req, CiflowTransfer *t, bool force_new_token
 	{
 		if (req->api_call)
 		{
-			token = CiflowBearerToken(conn, force_new_token, req->failmsg);
+			Assert(token_source != NULL);
+			token = token_source(conn, force_new_token, req->failmsg);
 			AddHeader(t, "Accept: application/json;odata.metadata=minimal;IEEE754Compatible=true");
 			if (token != NULL)
 			{
@@ -417,7 +432,7 @@ CiflowRequestPerform(const CiflowRequest *req)
 				bool		gateway = IsGatewayBody(t.body_out, t.body_len);
 
 				/* A rejected token is renewed once; a rejected key is final. */
-				if (!gateway && !token_renewed && CiflowTokenRenewable(conn))
+				if (!gateway && !token_renewed && TokenRenewable(conn))
 				{
 					token_renewed = true;
 					force_new_token = true;

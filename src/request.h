@@ -44,6 +44,16 @@ typedef struct CiflowResponse
 	size_t		len;
 } CiflowResponse;
 
+/*
+ * Where an API call's bearer token comes from: auth.c registers itself at
+ * load (CiflowAuthInit), so that the request path, which auth.c uses for
+ * the token request, does not depend back on it.  Returns a palloc'd token
+ * or NULL when the connection has none; force_new after a rejected token.
+ */
+typedef char *(*CiflowTokenSource) (const CiflowConnection *conn, bool force_new,
+									const char *failmsg);
+extern void CiflowSetTokenSource(CiflowTokenSource source);
+
 /* Returns a 2xx answer or raises an ERROR with SQLSTATE, DETAIL and HINT. */
 extern CiflowResponse CiflowRequestPerform(const CiflowRequest *req);
 
