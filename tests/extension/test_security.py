@@ -246,6 +246,12 @@ def as_role(db, role, query, params=None):
         conn.close()
 
 
+def create_as(db, role, name, emulator):
+    """create_connection called by `role`, which then owns the connection."""
+    query, params = create_connection_sql(name, connection_args(emulator))
+    as_role(db, role, query, params)
+
+
 def test_use_of_a_connection_needs_a_grant(ciflow_db, ci_connection, emulator, user_roles):
     alice = user_roles("sec_alice")
     group = user_roles("sec_group")
@@ -289,9 +295,7 @@ def test_use_of_a_connection_needs_a_grant(ciflow_db, ci_connection, emulator, u
 def test_owner_manages_its_connection(ciflow_db, emulator, user_roles):
     carol = user_roles("sec_carol")
     dave = user_roles("sec_dave")
-    query, params = create_connection_sql("carols", connection_args(emulator))
-    with ciflow_db.connect(user=carol) as conn, conn.cursor() as cur:
-        cur.execute(query, params)
+    create_as(ciflow_db, carol, "carols", emulator)
     assert as_role(ciflow_db, carol, "SELECT owner::text FROM ciflow.connections") == \
         [(carol,)]
     assert as_role(ciflow_db, dave, "SELECT count(*) FROM ciflow.connections") == [(0,)]
@@ -323,9 +327,7 @@ def test_runs_are_private(ciflow_db, ci_connection, emulator, user_roles):
 def test_owner_sees_every_run_of_its_connection(ciflow_db, emulator, user_roles):
     gina = user_roles("sec_gina")
     hank = user_roles("sec_hank")
-    query, params = create_connection_sql("ginas", connection_args(emulator))
-    with ciflow_db.connect(user=gina) as conn, conn.cursor() as cur:
-        cur.execute(query, params)
+    create_as(ciflow_db, gina, "ginas", emulator)
     as_role(ciflow_db, gina, f"SELECT ciflow.grant_connection('ginas', '{hank}')")
     ciflow_db.sql(f"CREATE SCHEMA {hank} AUTHORIZATION {hank}")
     as_role(ciflow_db, hank, f"SELECT * FROM ciflow.sync('ginas', 'Customer',"
