@@ -13,7 +13,8 @@
  *	  columns, logical replication and MVCC readers all see a normal
  *	  transaction.  Only the entity's columns are named: columns of the
  *	  user's own get their default on inserted rows and keep their values
- *	  on updated ones.  The statement shapes are those Citus accepts from a
+ *	  on updated ones; columns of attributes the service dropped stay, filled
+ *	  with NULL.  The statement shapes are those Citus accepts from a
  *	  local staging table (shared/vendor/README.txt): key sets compared with
  *	  EXCEPT, UPDATE ... FROM.  MERGE was measured and not used: PG15's has
  *	  no WHEN NOT MATCHED BY SOURCE (deletes need a statement anyway),
@@ -120,13 +121,18 @@ DropDuplicates(const CiflowTarget *t, const CiflowShape *shape)
 	return dropped;
 }
 
-/* UPDATE of the rows whose entity columns (other than the key) differ. */
+/*
+ * UPDATE of the rows whose entity columns (other than the key) differ,
+ * and of those still holding a value of an attribute the service dropped
+ * (filled with NULL once, then equal like the others).
+ */
 static int64
 UpdateChanged(const CiflowTarget *t, const CiflowShape *shape)
 {
 	StringInfoData set;
 	StringInfoData old_values;
 	StringInfoData new_values;
+	ListCell   *lc;
 	int			c;
 
 	initStringInfo(&set);
@@ -142,6 +148,15 @@ UpdateChanged(const CiflowTarget *t, const CiflowShape *shape)
 		appendStringInfo(&set, "%s%s = s.%s", sep, col, col);
 		appendStringInfo(&old_values, "%st.%s", sep, col);
 		appendStringInfo(&new_values, "%ss.%s", sep, col);
+	}
+	foreach(lc, CiflowRetiredColumns(t, shape))
+	{
+		const char *col = quote_identifier(lfirst(lc));
+		const char *sep = set.len ? ", " : "";
+
+		appendStringInfo(&set, "%s%s = NULL", sep, col);
+		appendStringInfo(&old_values, "%st.%s", sep, col);
+		appendStringInfo(&new_values, "%sNULL", sep);
 	}
 	if (set.len == 0)
 		return 0;				/* every column is part of the key */

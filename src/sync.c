@@ -375,6 +375,13 @@ static void
 AnalyzeAfterPublish(const CiflowTarget *target, MemoryContext back_to)
 {
 	pgstat_report_activity(STATE_RUNNING, "ciflow sync: analyzing");
+
+	/*
+	 * The publish's row counts first: ANALYZE sets n_live_tup outright, and
+	 * counts still pending in this process would be added on top of it
+	 * (doubling it after a first sync).
+	 */
+	pgstat_report_stat(true);
 	PG_TRY();
 	{
 		BeginXact();

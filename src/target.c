@@ -30,6 +30,7 @@
 #include "catalog/pg_publication.h"
 #include "catalog/pg_type.h"
 #include "commands/cluster.h"
+#include "commands/comment.h"
 #include "commands/dbcommands.h"
 #include "common/hashfn.h"
 #include "executor/spi.h"
@@ -411,6 +412,31 @@ CiflowCheckColumns(const CiflowTarget *t, const CiflowShape *shape)
 				(errcode(ERRCODE_UNDEFINED_COLUMN),
 				 errmsg("column \"%s\" of %s was dropped while the sync ran",
 						((CiflowColumn *) linitial(missing))->name, t->qualified)));
+}
+
+List *
+CiflowRetiredColumns(const CiflowTarget *t, const CiflowShape *shape)
+{
+	Relation	rel = table_open(t->relid, AccessShareLock);
+	TupleDesc	desc = RelationGetDescr(rel);
+	List	   *retired = NIL;
+	int			a;
+
+	for (a = 0; a < desc->natts; a++)
+	{
+		Form_pg_attribute att = TupleDescAttr(desc, a);
+		char	   *comment;
+
+		if (att->attisdropped || att->attnotnull || att->attgenerated != '\0' ||
+			ShapeColumn(shape, NameStr(att->attname)) != NULL)
+			continue;
+		/* ciflow comments its columns with the attribute's name. */
+		comment = GetComment(t->relid, RelationRelationId, att->attnum);
+		if (comment != NULL && strcmp(CiflowSnakeCase(comment), NameStr(att->attname)) == 0)
+			retired = lappend(retired, pstrdup(NameStr(att->attname)));
+	}
+	table_close(rel, NoLock);
+	return retired;
 }
 
 static char *

@@ -71,6 +71,13 @@ extern void CiflowPrepareTarget(CiflowTarget *target, const CiflowShape *shape);
  */
 extern void CiflowCheckColumns(const CiflowTarget *target, const CiflowShape *shape);
 
+/*
+ * Columns of attributes the service no longer sends: not in the shape,
+ * commented by ciflow with their attribute's name, nullable.  A re-sync
+ * keeps them and fills them with NULL.
+ */
+extern List *CiflowRetiredColumns(const CiflowTarget *target, const CiflowShape *shape);
+
 /* In the publishing transaction: creates the new target (no key yet). */
 extern void CiflowCreateTarget(CiflowTarget *target, const CiflowShape *shape);
 
