@@ -194,7 +194,7 @@ FullPullNotice(const CiflowShape *shape, const char *why)
  * after the watermark; anything else is a full pull, with a NOTICE.
  */
 static void
-PlanRun(const CiflowSyncArgs *args, const CiflowShape *shape, const char *target_name,
+PlanRun(const CiflowSyncArgs *args, const CiflowShape *shape, const CiflowTarget *target,
 		SyncPlan *plan)
 {
 	const CiflowColumn *attr;
@@ -206,7 +206,13 @@ PlanRun(const CiflowSyncArgs *args, const CiflowShape *shape, const char *target
 	if (!plan->incremental)
 		return;
 
-	plan->previous_json = CiflowRunLastWatermark(target_name);
+	/* A watermark describes rows of a table that must still exist. */
+	if (!OidIsValid(target->relid))
+	{
+		FullPullNotice(shape, "the target does not exist yet");
+		return;
+	}
+	plan->previous_json = CiflowRunLastWatermark(target->qualified);
 	if (!ParseWatermark(plan->previous_json, &plan->previous))
 	{
 		FullPullNotice(shape, "no earlier successful sync of this target stored a watermark");
@@ -493,7 +499,7 @@ CiflowSyncExecute(const CiflowSyncArgs *args, CiflowRunState *run)
 		BeginXact();
 		/* The plan (its $filter) outlives this transaction. */
 		MemoryContextSwitchTo(run_cxt);
-		PlanRun(args, shape, target->qualified, &plan);
+		PlanRun(args, shape, target, &plan);
 		if (plan.skip)
 		{
 			/* Nothing changed upstream: a run of 0 pages, its place kept. */
