@@ -108,6 +108,25 @@ CiflowJsonString(json_t *obj, const char *key)
 	return json_is_string(v) ? json_string_value(v) : NULL;
 }
 
+/* An OData string literal: in single quotes, quotes doubled. */
+char *
+CiflowODataString(const char *value)
+{
+	StringInfoData lit;
+	const char *p;
+
+	initStringInfo(&lit);
+	appendStringInfoChar(&lit, '\'');
+	for (p = value; *p; p++)
+	{
+		if (*p == '\'')
+			appendStringInfoChar(&lit, '\'');
+		appendStringInfoChar(&lit, *p);
+	}
+	appendStringInfoChar(&lit, '\'');
+	return lit.data;
+}
+
 /*
  * $filter of an incremental pull: the user's filter, if any, and
  * "<attr> ge <value>": ge, not gt, so that rows sharing the watermark's
@@ -119,24 +138,10 @@ char *
 CiflowIncrementalFilter(const char *filter, const char *attribute, const char *edm,
 						const char *value)
 {
-	StringInfoData lit;
-	const char *p;
+	const char *lit = (edm != NULL && pg_strcasecmp(edm, "Edm.String") == 0) ?
+		CiflowODataString(value) : value;
 
-	initStringInfo(&lit);
-	if (edm != NULL && pg_strcasecmp(edm, "Edm.String") == 0)
-	{
-		appendStringInfoChar(&lit, '\'');
-		for (p = value; *p; p++)
-		{
-			if (*p == '\'')
-				appendStringInfoChar(&lit, '\'');
-			appendStringInfoChar(&lit, *p);
-		}
-		appendStringInfoChar(&lit, '\'');
-	}
-	else
-		appendStringInfoString(&lit, value);
 	if (filter != NULL && filter[0] != '\0')
-		return psprintf("(%s) and %s ge %s", filter, attribute, lit.data);
-	return psprintf("%s ge %s", attribute, lit.data);
+		return psprintf("(%s) and %s ge %s", filter, attribute, lit);
+	return psprintf("%s ge %s", attribute, lit);
 }

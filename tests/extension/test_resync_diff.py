@@ -257,3 +257,24 @@ def test_duplicates_warn_the_caller(ciflow_db, ci_connection, emulator):
         assert any("1 duplicate rows" in n for n in conn.notices), conn.notices
     finally:
         conn.close()
+
+
+def test_lock_wait_is_bounded_and_reported(ciflow_db, pg_cluster, emulator, people):
+    """A session holding a lock the apply needs: the wait ends at lock_timeout
+    (here the database's setting) with 55P03 and a HINT; the target is unchanged."""
+    before = table_md5(ciflow_db, TABLE)
+    mutate(emulator)
+    ciflow_db.sql(f"ALTER DATABASE {ciflow_db.name} SET lock_timeout = '300ms'")
+    holder = ciflow_db.connect(autocommit=False)
+    try:
+        with holder.cursor() as cur:
+            cur.execute(f"LOCK TABLE {TABLE} IN SHARE MODE")
+        with raises_sqlstate("55P03") as err:
+            sync(ciflow_db, "emu", ENTITY)
+        assert err.hint and "lock_timeout" in err.hint and "publishing" in err.detail, err
+    finally:
+        holder.rollback()
+        holder.close()
+        ciflow_db.sql(f"ALTER DATABASE {ciflow_db.name} RESET lock_timeout")
+    assert table_md5(ciflow_db, TABLE) == before
+    assert staging_tables(ciflow_db) == []
