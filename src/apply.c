@@ -143,7 +143,7 @@ UpdateChanged(const CiflowTarget *t, const CiflowShape *shape)
 		const char *col = quote_identifier(shape->columns[c].name);
 		const char *sep = set.len ? ", " : "";
 
-		if (shape->columns[c].is_key)
+		if (shape->columns[c].is_key || !shape->columns[c].selected)
 			continue;
 		appendStringInfo(&set, "%s%s = s.%s", sep, col, col);
 		appendStringInfo(&old_values, "%st.%s", sep, col);

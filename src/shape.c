@@ -214,6 +214,7 @@ CiflowShapeFromMetadata(json_t *entity, const char *failmsg)
 		col->remote_name = pstrdup(aname);
 		col->edm_type = pstrdup(edm ? edm : "(none)");
 		col->typid = EdmTypeOid(edm);
+		col->selected = true;
 
 		/* Two attributes may fold to one name (Name, name): number them. */
 		base = CiflowSnakeCase(aname);
@@ -240,10 +241,42 @@ CiflowAppendColumns(StringInfo buf, const CiflowShape *shape, bool keys_only,
 	int			n = keys_only ? shape->nkeys : shape->ncolumns;
 	int			i;
 
+	int			written = 0;
+
 	for (i = 0; i < n; i++)
 	{
 		const CiflowColumn *col = &shape->columns[keys_only ? shape->keys[i] : i];
 
-		appendStringInfo(buf, "%s%s%s", i ? ", " : "", prefix, quote_identifier(col->name));
+		if (!col->selected)
+			continue;
+		appendStringInfo(buf, "%s%s%s", written++ ? ", " : "", prefix,
+						 quote_identifier(col->name));
+	}
+}
+
+void
+CiflowShapeSelect(CiflowShape *shape, const char *fields)
+{
+	StringInfoData padded;
+	const char *p;
+	int			c;
+
+	if (fields == NULL)
+		return;
+	/* ",A,B," without blanks: each name is then found as ",name,". */
+	initStringInfo(&padded);
+	appendStringInfoChar(&padded, ',');
+	for (p = fields; *p; p++)
+	{
+		if (*p != ' ')
+			appendStringInfoChar(&padded, *p);
+	}
+	appendStringInfoChar(&padded, ',');
+	for (c = 0; c < shape->ncolumns; c++)
+	{
+		CiflowColumn *col = &shape->columns[c];
+
+		col->selected = col->is_key ||
+			strstr(padded.data, psprintf(",%s,", col->remote_name)) != NULL;
 	}
 }

@@ -21,6 +21,7 @@ typedef struct CiflowColumn
 	char	   *edm_type;		/* the service's dataType */
 	Oid			typid;
 	bool		is_key;
+	bool		selected;		/* asked for (fields => ...): a sync writes it */
 } CiflowColumn;
 
 typedef struct CiflowShape
@@ -42,8 +43,14 @@ extern char *CiflowSnakeCase(const char *name);
 extern CiflowShape *CiflowShapeFromMetadata(json_t *entity, const char *failmsg);
 
 /*
+ * fields => 'A,B': only these attributes (and the key) are written by the
+ * sync; the others keep their values in an existing target.
+ */
+extern void CiflowShapeSelect(CiflowShape *shape, const char *fields);
+
+/*
  * Appends the quoted names of the key columns (keys_only) or of every
- * column, comma-separated, each prefixed by prefix ("s." or "").
+ * selected column, comma-separated, each prefixed by prefix ("s." or "").
  */
 extern void CiflowAppendColumns(StringInfo buf, const CiflowShape *shape,
 								bool keys_only, const char *prefix);

@@ -495,6 +495,7 @@ CiflowSyncExecute(const CiflowSyncArgs *args, CiflowRunState *run)
 		phase = PHASE_METADATA;
 		pgstat_report_activity(STATE_RUNNING, "ciflow sync: reading metadata");
 		shape = FetchShape(conn, args->entity, failmsg, &run->stats);
+		CiflowShapeSelect(shape, args->fields);
 
 		BeginXact();
 		/* The plan (its $filter) outlives this transaction. */

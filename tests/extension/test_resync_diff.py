@@ -278,3 +278,12 @@ def test_lock_wait_is_bounded_and_reported(ciflow_db, pg_cluster, emulator, peop
         ciflow_db.sql(f"ALTER DATABASE {ciflow_db.name} RESET lock_timeout")
     assert table_md5(ciflow_db, TABLE) == before
     assert staging_tables(ciflow_db) == []
+
+
+def test_fields_limit_what_a_resync_writes(ciflow_db, emulator, people):
+    upsert(emulator, [person(1, score=500, note="changed"), person(2, note="changed too")])
+    run = sync(ciflow_db, "emu", ENTITY, fields="PersonId, Score")
+    assert (run["inserted"], run["updated"], run["deleted"]) == (0, 1, 0)
+    assert ciflow_db.sql(f"SELECT person_id, score, note FROM {TABLE}"
+                         " WHERE person_id IN ('p001', 'p002') ORDER BY 1") == \
+        [("p001", 500, "n"), ("p002", 2, "n")]
