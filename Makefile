@@ -14,7 +14,9 @@ OBJS = \
 	src/paging.o \
 	src/convert.o \
 	src/load.o \
+	src/shape.o \
 	src/target.o \
+	src/apply.o \
 	src/runs.o \
 	src/sync.o \
 	src/syncworker.o

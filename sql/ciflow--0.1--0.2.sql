@@ -131,7 +131,8 @@ ALTER TABLE ciflow.sync_runs
     ADD COLUMN inserted  bigint NOT NULL DEFAULT 0,
     ADD COLUMN updated   bigint NOT NULL DEFAULT 0,
     ADD COLUMN deleted   bigint NOT NULL DEFAULT 0,
-    ADD COLUMN watermark jsonb;
+    ADD COLUMN watermark jsonb,
+    ADD COLUMN staging_relid oid;
 SELECT pg_catalog.pg_extension_config_dump('ciflow.sync_runs', '');
 SELECT pg_catalog.pg_extension_config_dump('ciflow.sync_runs_id_seq', '');
 

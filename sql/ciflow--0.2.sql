@@ -187,7 +187,9 @@ CREATE TABLE ciflow.sync_runs (
     inserted      bigint NOT NULL DEFAULT 0,
     updated       bigint NOT NULL DEFAULT 0,
     deleted       bigint NOT NULL DEFAULT 0,
-    watermark     jsonb
+    watermark     jsonb,
+    -- the run's staging heap, dropped by the next run if this one died
+    staging_relid oid
 );
 CREATE INDEX sync_runs_running ON ciflow.sync_runs (target) WHERE status = 'running';
 

@@ -66,10 +66,16 @@ SELECT * FROM ciflow.get_items('down', 'Customer');
 -- A failed sync is recorded, and creates no table.
 SELECT * FROM ciflow.sync('emu', 'NoSuchEntity');
 \echo SQLSTATE :LAST_ERROR_SQLSTATE
-SELECT * FROM ciflow.sync('emu', 'Customer', mode => 'incremental');
-\echo SQLSTATE :LAST_ERROR_SQLSTATE
-SELECT id, entity, target, status, http_status, error FROM ciflow.sync_runs ORDER BY id;
 SELECT count(*) AS no_tables FROM pg_tables WHERE schemaname = 'emu';
+-- A bad mode or publish method is refused before any run.
+SELECT * FROM ciflow.sync('emu', 'Customer', mode => 'sometimes');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
+SELECT * FROM ciflow.sync('emu', 'Customer', publish => 'teleport');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
+-- An incremental run of a target that does not exist yet is a full pull, with a NOTICE.
+SELECT mode, status, rows, inserted, updated, deleted
+  FROM ciflow.sync('emu', 'Customer', mode => 'incremental');
+SELECT id, entity, target, status, http_status, error FROM ciflow.sync_runs ORDER BY id;
 
 -- The worker cannot see uncommitted work, so a sync refuses to run after it.
 BEGIN;

@@ -7,8 +7,10 @@
  *
  *	  The loader lives for a whole run (across its transactions); the work
  *	  of a page happens in a context reset for every page, so memory stays
- *	  bounded by one page.  It writes only the heap it is given and knows
- *	  nothing of how that heap is published.
+ *	  bounded by one page.  Every row is numbered in the order it arrived
+ *	  (the staging heap's CIFLOW_STAGE_SEQ column), so that of a key
+ *	  delivered twice the version received last wins.  It writes only the
+ *	  heap it is given and knows nothing of how that heap is published.
  *
  *-------------------------------------------------------------------------
  */
@@ -31,6 +33,8 @@ struct CiflowLoader
 	TupleDesc	desc;			/* the staging heap's, with dropped columns */
 	int		   *source;			/* per attribute: shape column, or -1 */
 	CiflowConverter *conv;		/* per attribute with a source */
+	int			seq_attno;		/* CIFLOW_STAGE_SEQ's index, or -1 */
+	int64		seq;			/* rows numbered so far in the run */
 	TupleTableSlot *slots[LOAD_BATCH];
 	int			nslots;
 	MemoryContext cxt;
@@ -61,6 +65,7 @@ CiflowLoaderCreate(const CiflowShape *shape, Relation staging, MemoryContext cxt
 	 * Columns are matched by name; others (dropped or the user's own) stay
 	 * NULL.
 	 */
+	ld->seq_attno = -1;
 	for (i = 0; i < ld->desc->natts; i++)
 	{
 		Form_pg_attribute att = TupleDescAttr(ld->desc, i);
@@ -69,6 +74,8 @@ CiflowLoaderCreate(const CiflowShape *shape, Relation staging, MemoryContext cxt
 		ld->source[i] = -1;
 		if (att->attisdropped)
 			continue;
+		if (strcmp(NameStr(att->attname), CIFLOW_STAGE_SEQ) == 0)
+			ld->seq_attno = i;
 		for (c = 0; c < shape->ncolumns; c++)
 		{
 			if (strcmp(NameStr(att->attname), shape->columns[c].name) == 0)
@@ -114,7 +121,12 @@ FillSlot(CiflowLoader *ld, TupleTableSlot *slot, json_t *row)
 		int			c = ld->source[i];
 
 		ld->attno = i;
-		if (c < 0)
+		if (i == ld->seq_attno)
+		{
+			slot->tts_values[i] = Int64GetDatum(++ld->seq);
+			slot->tts_isnull[i] = false;
+		}
+		else if (c < 0)
 		{
 			slot->tts_values[i] = (Datum) 0;
 			slot->tts_isnull[i] = true;

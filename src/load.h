@@ -11,7 +11,7 @@
 #include "ciflow_json.h"
 
 #include "utils/rel.h"
-#include "target.h"
+#include "target.h"			/* CIFLOW_STAGE_SEQ, the shape */
 
 typedef struct CiflowLoader CiflowLoader;
 

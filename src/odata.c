@@ -2,7 +2,8 @@
  *
  * odata.c
  *	  Where things are and what answers look like: endpoint URLs for each
- *	  flavour, query strings, and the parts of OData pages ciflow reads.
+ *	  flavour, query strings (the incremental $filter included), and the
+ *	  parts of OData pages ciflow reads.
  *
  *	  Pure functions: no I/O, no catalog access.
  *
@@ -105,4 +106,42 @@ CiflowJsonString(json_t *obj, const char *key)
 	json_t	   *v = json_is_object(obj) ? json_object_get(obj, key) : NULL;
 
 	return json_is_string(v) ? json_string_value(v) : NULL;
+}
+
+/* An OData string literal: in single quotes, quotes doubled. */
+char *
+CiflowODataString(const char *value)
+{
+	StringInfoData lit;
+	const char *p;
+
+	initStringInfo(&lit);
+	appendStringInfoChar(&lit, '\'');
+	for (p = value; *p; p++)
+	{
+		if (*p == '\'')
+			appendStringInfoChar(&lit, '\'');
+		appendStringInfoChar(&lit, *p);
+	}
+	appendStringInfoChar(&lit, '\'');
+	return lit.data;
+}
+
+/*
+ * $filter of an incremental pull: the user's filter, if any, and
+ * "<attr> ge <value>": ge, not gt, so that rows sharing the watermark's
+ * instant are read again (and upserted), never missed.  Strings are
+ * quoted literals; timestamps, dates and numbers are bare, as OData has
+ * them.
+ */
+char *
+CiflowIncrementalFilter(const char *filter, const char *attribute, const char *edm,
+						const char *value)
+{
+	const char *lit = (edm != NULL && pg_strcasecmp(edm, "Edm.String") == 0) ?
+		CiflowODataString(value) : value;
+
+	if (filter != NULL && filter[0] != '\0')
+		return psprintf("(%s) and %s ge %s", filter, attribute, lit);
+	return psprintf("%s ge %s", attribute, lit);
 }

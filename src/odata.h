@@ -32,6 +32,13 @@ extern const char *CiflowPreferHeader(const CiflowConnection *conn, int page_siz
 /* A collection page's "value" array; raises 22032 under failmsg when absent. */
 extern json_t *CiflowPageRows(json_t *page, const char *failmsg);
 
+/* An OData string literal: in single quotes, quotes doubled. */
+extern char *CiflowODataString(const char *value);
+
+/* $filter of an incremental pull: the user's filter and "<attr> ge <value>". */
+extern char *CiflowIncrementalFilter(const char *filter, const char *attribute,
+									 const char *edm, const char *value);
+
 /* A string member, or NULL when absent, null or not a string. */
 extern const char *CiflowJsonString(json_t *obj, const char *key);
 

@@ -17,6 +17,7 @@
 #include "access/htup_details.h"
 #include "catalog/pg_type.h"
 #include "miscadmin.h"
+#include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/timestamp.h"
 
@@ -171,4 +172,81 @@ CiflowRunLastWatermark(const char *target)
 		return NULL;
 	d = heap_getattr(tup, 1, desc, &isnull);
 	return isnull ? NULL : TextDatumGetCString(d);
+}
+
+/*
+ * The staging heap of a run, recorded in the transaction that creates it,
+ * so that whatever ends the run (a crash included), the next run of the
+ * target finds and drops it.
+ */
+static CiflowCatalogStatement set_staging = {
+	.sql = "UPDATE ciflow.sync_runs SET staging_relid = $2"
+	" WHERE id OPERATOR(pg_catalog.=) $1",
+	.nargs = 2,
+	.types = {INT8OID, OIDOID}
+};
+
+static CiflowCatalogStatement abandoned_staging = {
+	.sql = "SELECT pg_catalog.array_agg(staging_relid) FROM ciflow.sync_runs"
+	" WHERE target OPERATOR(pg_catalog.=) $1"
+	" AND status OPERATOR(pg_catalog.=) 'running' AND id OPERATOR(pg_catalog.<>) $2"
+	" AND staging_relid IS NOT NULL",
+	.nargs = 2,
+	.types = {TEXTOID, INT8OID}
+};
+
+static CiflowCatalogStatement target_filled = {
+	.sql = "SELECT 1 FROM ciflow.sync_runs"
+	" WHERE target OPERATOR(pg_catalog.=) $1"
+	" AND status OPERATOR(pg_catalog.=) 'succeeded' LIMIT 1",
+	.nargs = 1,
+	.types = {TEXTOID}
+};
+
+void
+CiflowRunSetStaging(int64 run_id, Oid staging_relid)
+{
+	Datum		values[2];
+
+	values[0] = Int64GetDatum(run_id);
+	values[1] = ObjectIdGetDatum(staging_relid);
+	/* InvalidOid: the heap is gone (NULL). */
+	(void) CiflowCatalogExecute(&set_staging, values,
+								OidIsValid(staging_relid) ? "  " : " n", NULL, NULL);
+}
+
+List *
+CiflowRunAbandonedStaging(const char *target, int64 current_run)
+{
+	Datum		values[2];
+	HeapTuple	tup;
+	TupleDesc	desc;
+	bool		isnull;
+	Datum		d;
+	Datum	   *elems;
+	int			nelems;
+	List	   *result = NIL;
+	int			i;
+
+	values[0] = CStringGetTextDatum(target);
+	values[1] = Int64GetDatum(current_run);
+	if (CiflowCatalogExecute(&abandoned_staging, values, NULL, &tup, &desc) == 0)
+		return NIL;
+	d = heap_getattr(tup, 1, desc, &isnull);
+	if (isnull)
+		return NIL;
+	deconstruct_array(DatumGetArrayTypeP(d), OIDOID, sizeof(Oid), true,
+					  TYPALIGN_INT, &elems, NULL, &nelems);
+	for (i = 0; i < nelems; i++)
+		result = lappend_oid(result, DatumGetObjectId(elems[i]));
+	return result;
+}
+
+bool
+CiflowRunTargetFilled(const char *target)
+{
+	Datum		values[1];
+
+	values[0] = CStringGetTextDatum(target);
+	return CiflowCatalogExecute(&target_filled, values, NULL, NULL, NULL) > 0;
 }

@@ -9,6 +9,7 @@
 #define CIFLOW_RUNS_H
 
 #include "datatype/timestamp.h"
+#include "nodes/pg_list.h"
 #include "request.h"
 
 /* Run-row fields a sync reports back. */
@@ -42,5 +43,14 @@ extern void CiflowRunFailAbandoned(const char *target, int64 current_run);
 
 /* The watermark of the target's last successful run (JSON text), or NULL. */
 extern char *CiflowRunLastWatermark(const char *target);
+
+/* Records the staging heap of a run (for the sweep after a crash); InvalidOid: gone. */
+extern void CiflowRunSetStaging(int64 run_id, Oid staging_relid);
+
+/* Staging heaps recorded by runs of this target left 'running' (Oids). */
+extern List *CiflowRunAbandonedStaging(const char *target, int64 current_run);
+
+/* Whether some run into this target has succeeded (it is ciflow's to fill). */
+extern bool CiflowRunTargetFilled(const char *target);
 
 #endif							/* CIFLOW_RUNS_H */

@@ -3,16 +3,25 @@
  * sync.c
  *	  The sync executor: one run of one entity into one table.
  *
- *	  record the run -> read the entity's metadata -> prepare the target
- *	  -> page after page: fetch (no transaction open), load (one short
- *	  transaction per page, progress included) -> publish and record the
- *	  end (one transaction) -> ANALYZE.
+ *	  record the run -> lock the target's name, sweep what dead runs left,
+ *	  check the target's rules and the caller's privileges -> read the
+ *	  entity's metadata -> plan (full, incremental, or nothing to fetch)
+ *	  -> prepare the target and the staging heap -> page after page: fetch
+ *	  (no transaction open), load (one short transaction per page,
+ *	  progress included) -> publish the difference and record the end (one
+ *	  transaction) -> ANALYZE.
  *
  *	  It manages its own transactions, so it runs where no transaction is
  *	  open: in a background worker (syncworker.c).  Whatever fails, the
  *	  staging heap is dropped, the target is untouched, and the run is
- *	  recorded as failed before the error goes on with the run and page in
- *	  its DETAIL.
+ *	  recorded as failed before the error goes on with the run and phase
+ *	  in its DETAIL.  Every check that can fail before a page is fetched
+ *	  is made before one is.
+ *
+ *	  A watermark is JSON stored with the run: {"attribute", "type",
+ *	  "value", "refresh_time"} for Customer Insights; a Dataverse delta
+ *	  link would be {"delta_link": ...} beside them.  Only a successful
+ *	  run stores one, so only a successful run advances it.
  *
  *-------------------------------------------------------------------------
  */
@@ -23,9 +32,11 @@
 #include "lib/stringinfo.h"
 #include "miscadmin.h"
 #include "pgstat.h"
+#include "utils/guc.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
 
+#include "apply.h"
 #include "connection.h"
 #include "load.h"
 #include "odata.h"
@@ -39,9 +50,30 @@ typedef enum SyncPhase
 {
 	PHASE_SETUP,
 	PHASE_METADATA,
+	PHASE_PREPARE,
 	PHASE_PAGES,
 	PHASE_PUBLISH
 } SyncPhase;
+
+/* Where an incremental run resumes; any member may be NULL. */
+typedef struct Watermark
+{
+	char	   *attribute;		/* incrementalAttribute of the pull */
+	char	   *type;			/* its Edm type */
+	char	   *value;			/* the largest value pulled */
+	char	   *refresh_time;	/* E2's refreshTime at the pull */
+} Watermark;
+
+/* What a run fetches and how it publishes. */
+typedef struct SyncPlan
+{
+	bool		skip;			/* nothing changed upstream: no page */
+	CiflowPublishMethod method;
+	const char *filter;			/* the $filter sent, or NULL */
+	bool		incremental;	/* mode => 'incremental': keeps a watermark */
+	Watermark	previous;		/* the last successful run's */
+	const char *previous_json;
+} SyncPlan;
 
 static void
 BeginXact(void)
@@ -99,13 +131,149 @@ FetchShape(const CiflowConnection *conn, const char *entity, const char *failmsg
 	return CiflowShapeFromMetadata(meta, failmsg);
 }
 
+static char *
+WatermarkMember(json_t *obj, const char *key)
+{
+	const char *s = CiflowJsonString(obj, key);
+
+	return s ? pstrdup(s) : NULL;
+}
+
+/* false when there is no watermark (or one ciflow cannot read). */
+static bool
+ParseWatermark(const char *text, Watermark *wm)
+{
+	json_t	   *root;
+
+	memset(wm, 0, sizeof(*wm));
+	if (text == NULL || (root = json_loads(text, 0, NULL)) == NULL)
+		return false;
+	wm->attribute = WatermarkMember(root, "attribute");
+	wm->type = WatermarkMember(root, "type");
+	wm->value = WatermarkMember(root, "value");
+	wm->refresh_time = WatermarkMember(root, "refresh_time");
+	json_decref(root);
+	return true;
+}
+
+static void
+SetMember(json_t *obj, const char *key, const char *value)
+{
+	if (value != NULL)
+		json_object_set_new(obj, key, json_string(value));
+}
+
+static char *
+WatermarkJson(const Watermark *wm)
+{
+	json_t	   *obj = json_pack("{}");
+	char	   *text;
+
+	SetMember(obj, "attribute", wm->attribute);
+	SetMember(obj, "type", wm->type);
+	SetMember(obj, "value", wm->value);
+	SetMember(obj, "refresh_time", wm->refresh_time);
+	text = json_dumps(obj, JSON_COMPACT | JSON_SORT_KEYS);
+	json_decref(obj);
+	return text;
+}
+
+static void
+FullPullNotice(const CiflowShape *shape, const char *why)
+{
+	ereport(NOTICE,
+			(errmsg("incremental sync of entity \"%s\" pulls every row: %s",
+					shape->entity, why),
+			 errdetail("A full pull applies the whole difference, deletions included, and stores a fresh watermark.")));
+}
+
+/*
+ * mode => 'incremental' per section 3: source entities are pulled whole,
+ * or not at all while refreshTime is unchanged; system entities with an
+ * incrementalAttribute (and a key to upsert on) ask only for rows at or
+ * after the watermark; anything else is a full pull, with a NOTICE.
+ */
+static void
+PlanRun(const CiflowSyncArgs *args, const CiflowShape *shape, const CiflowTarget *target,
+		SyncPlan *plan)
+{
+	const CiflowColumn *attr;
+
+	memset(plan, 0, sizeof(*plan));
+	plan->method = strcmp(args->publish, "swap") == 0 ? CIFLOW_PUBLISH_SWAP : CIFLOW_PUBLISH_DIFF;
+	plan->filter = args->filter;
+	plan->incremental = strcmp(args->mode, "incremental") == 0;
+	if (!plan->incremental)
+		return;
+
+	/* A watermark describes rows of a table that must still exist. */
+	if (!OidIsValid(target->relid))
+	{
+		FullPullNotice(shape, "the target does not exist yet");
+		return;
+	}
+	plan->previous_json = CiflowRunLastWatermark(target->qualified);
+	if (!ParseWatermark(plan->previous_json, &plan->previous))
+	{
+		FullPullNotice(shape, "no earlier successful sync of this target stored a watermark");
+		return;
+	}
+	if (!shape->is_system)
+	{
+		if (plan->previous.refresh_time && shape->refresh_time &&
+			strcmp(plan->previous.refresh_time, shape->refresh_time) == 0)
+			plan->skip = true;
+		else
+			FullPullNotice(shape, "it is a source entity (no $filter), and its refreshTime changed since the last successful sync");
+		return;
+	}
+	if (shape->incremental < 0)
+	{
+		FullPullNotice(shape, "the service names no incrementalAttribute for it");
+		return;
+	}
+	attr = &shape->columns[shape->incremental];
+	if (shape->nkeys == 0)
+		FullPullNotice(shape, "it has no key to upsert on");
+	else if (plan->previous.value == NULL || plan->previous.attribute == NULL ||
+			 strcmp(plan->previous.attribute, attr->remote_name) != 0)
+		FullPullNotice(shape, psprintf("no watermark of attribute \"%s\" is stored yet",
+									   attr->remote_name));
+	else
+	{
+		plan->filter = CiflowIncrementalFilter(args->filter, attr->remote_name,
+											   attr->edm_type, plan->previous.value);
+		plan->method = CIFLOW_PUBLISH_UPSERT;
+	}
+}
+
+/* The watermark a successful pull leaves for the next incremental run. */
+static char *
+NextWatermark(const CiflowTarget *target, const CiflowShape *shape, const SyncPlan *plan)
+{
+	Watermark	next;
+
+	memset(&next, 0, sizeof(next));
+	next.refresh_time = shape->refresh_time;
+	if (shape->incremental >= 0)
+	{
+		next.attribute = shape->columns[shape->incremental].remote_name;
+		next.type = shape->columns[shape->incremental].edm_type;
+		next.value = CiflowStagedMaximum(target, shape);
+		/* An incremental pull that found nothing new keeps its place. */
+		if (next.value == NULL && plan->method == CIFLOW_PUBLISH_UPSERT)
+			next.value = plan->previous.value;
+	}
+	return WatermarkJson(&next);
+}
+
 /*
  * The options a pull sends besides paging.  A $select always includes the
  * key, and system entities are read in key order so that offset paging is
  * stable.
  */
 static char *
-PageQuery(const CiflowSyncArgs *args, const CiflowShape *shape)
+PageQuery(const CiflowSyncArgs *args, const CiflowShape *shape, const char *filter)
 {
 	StringInfoData query;
 	StringInfoData keys;
@@ -133,8 +301,8 @@ PageQuery(const CiflowSyncArgs *args, const CiflowShape *shape)
 		}
 		CiflowAppendQuery(&query, "$select", select.data);
 	}
-	if (args->filter != NULL)
-		CiflowAppendQuery(&query, "$filter", args->filter);
+	if (filter != NULL)
+		CiflowAppendQuery(&query, "$filter", filter);
 	if (shape->is_system && shape->nkeys > 0)
 		CiflowAppendQuery(&query, "$orderby", keys.data);
 	return query.data;
@@ -150,9 +318,13 @@ FailureDetail(const CiflowRunState *run, SyncPhase phase, const char *detail)
 	switch (phase)
 	{
 		case PHASE_SETUP:
+			appendStringInfoString(&s, ", checking the target");
 			break;
 		case PHASE_METADATA:
 			appendStringInfoString(&s, ", reading the entity's metadata");
+			break;
+		case PHASE_PREPARE:
+			appendStringInfoString(&s, ", preparing the target");
 			break;
 		case PHASE_PAGES:
 			appendStringInfo(&s, ", page %d", run->pages + 1);
@@ -169,6 +341,39 @@ FailureDetail(const CiflowRunState *run, SyncPhase phase, const char *detail)
 }
 
 /*
+ * The outermost context line of an error raised inside one of ciflow's
+ * own SPI statements quotes that statement ("SQL statement ..."): it is
+ * ciflow's internals, not the user's business, and goes.  Inner lines (a
+ * user's trigger, say) stay.
+ */
+static void
+StripStatementContext(ErrorData *edata)
+{
+	char	   *last;
+
+	if (edata->context == NULL)
+		return;
+	last = strrchr(edata->context, '\n');
+	if (strncmp(last ? last + 1 : edata->context, "SQL statement", 13) != 0)
+		return;
+	if (last)
+		*last = '\0';
+	else
+		edata->context = NULL;
+}
+
+/* A lock wait that timed out says what to do about it. */
+static void
+HintLockTimeout(ErrorData *edata, const char *target_name)
+{
+	if (edata->sqlerrcode == ERRCODE_LOCK_NOT_AVAILABLE && edata->hint == NULL)
+		edata->hint = psprintf("Another session holds a lock on %s that the sync must wait for"
+							   " (see pg_locks); a sync waits at most lock_timeout, one minute"
+							   " unless the role or database sets one.  Sync again once it is released.",
+							   target_name);
+}
+
+/*
  * Fresh statistics for the planner.  The run has already succeeded, so a
  * failure here is only a WARNING.
  */
@@ -176,6 +381,13 @@ static void
 AnalyzeAfterPublish(const CiflowTarget *target, MemoryContext back_to)
 {
 	pgstat_report_activity(STATE_RUNNING, "ciflow sync: analyzing");
+
+	/*
+	 * The publish's row counts first: ANALYZE sets n_live_tup outright, and
+	 * counts still pending in this process would be added on top of it
+	 * (doubling it after a first sync).
+	 */
+	pgstat_report_stat(true);
 	PG_TRY();
 	{
 		BeginXact();
@@ -193,9 +405,35 @@ AnalyzeAfterPublish(const CiflowTarget *target, MemoryContext back_to)
 		MemoryContextSwitchTo(back_to);
 		ereport(WARNING,
 				(errmsg("could not analyze %s after the sync: %s",
-						CiflowTargetName(target->schema, target->table), edata->message)));
+						target->qualified, edata->message)));
 	}
 	PG_END_TRY();
+}
+
+/* Publish, and record the end, in one transaction. */
+static void
+Publish(CiflowTarget *target, const CiflowShape *shape, const SyncPlan *plan,
+		CiflowRunState *run, MemoryContext run_cxt)
+{
+	CiflowApplyCounts counts;
+
+	BeginXact();
+	CiflowApplyStaged(target, shape, plan->method, &counts);
+	run->inserted = counts.inserted;
+	run->updated = counts.updated;
+	run->deleted = counts.deleted;
+	/* Only incremental runs keep a watermark: a full one resumes nothing. */
+	if (plan->incremental)
+		run->watermark = MemoryContextStrdup(run_cxt, NextWatermark(target, shape, plan));
+	CiflowDropStaging(target);
+	CiflowRunSetStaging(run->run_id, InvalidOid);
+	CiflowRunFinish(run, true, NULL);
+	CommitXact(run_cxt);
+	if (counts.duplicates > 0)
+		ereport(WARNING,
+				(errmsg("entity \"%s\" delivered " INT64_FORMAT " duplicate rows; the last version of each key was kept",
+						shape->entity, counts.duplicates),
+				 errhint("The data changed while it was paged through with $skip.")));
 }
 
 void
@@ -204,13 +442,12 @@ CiflowSyncExecute(const CiflowSyncArgs *args, CiflowRunState *run)
 	MemoryContext caller_cxt = CurrentMemoryContext;
 	MemoryContext run_cxt = AllocSetContextCreate(TopMemoryContext, "ciflow sync run",
 												  ALLOCSET_DEFAULT_SIZES);
-	char	   *target_name;
 	char	   *failmsg;
 	CiflowTarget *target;
 	volatile SyncPhase phase = PHASE_SETUP;
+	volatile bool changed = false;
 
 	MemoryContextSwitchTo(run_cxt);
-	target_name = CiflowTargetName(args->schema, args->table);
 	failmsg = SyncFailMessage(args->connection, args->entity);
 	memset(run, 0, sizeof(*run));
 	run->rows_expected = -1;
@@ -218,9 +455,10 @@ CiflowSyncExecute(const CiflowSyncArgs *args, CiflowRunState *run)
 	target = palloc0(sizeof(CiflowTarget));
 	target->schema = pstrdup(args->schema);
 	target->table = pstrdup(args->table);
+	target->qualified = CiflowTargetName(args->schema, args->table);
 
 	BeginXact();
-	CiflowRunInsert(run, args->connection, args->entity, target_name, args->mode);
+	CiflowRunInsert(run, args->connection, args->entity, target->qualified, args->mode);
 	CommitXact(run_cxt);
 
 	PG_TRY();
@@ -231,13 +469,14 @@ CiflowSyncExecute(const CiflowSyncArgs *args, CiflowRunState *run)
 		CiflowPager *pager;
 		Relation	staging;
 		json_t	   *rows;
+		SyncPlan	plan;
 
-		if (strcmp(args->mode, "full") != 0)
+		if (strcmp(args->mode, "incremental") == 0 && strcmp(args->publish, "swap") == 0)
 			ereport(ERROR,
-					(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 					 errmsg("%s", failmsg),
-					 errdetail("Incremental syncs are not available yet."),
-					 errhint("Use mode => 'full'.")));
+					 errdetail("publish => 'swap' replaces every row, so it needs a complete pull."),
+					 errhint("Use mode => 'full' with publish => 'swap', or the default publish => 'diff'.")));
 
 		BeginXact();
 		conn = CiflowCopyConnection(CiflowGetConnection(args->connection), run_cxt);
@@ -245,48 +484,76 @@ CiflowSyncExecute(const CiflowSyncArgs *args, CiflowRunState *run)
 			ereport(ERROR,
 					(errcode(ERRCODE_OBJECT_IN_USE),
 					 errmsg("%s", failmsg),
-					 errdetail("Another sync into %s is running.", target_name),
+					 errdetail("Another sync into %s is running.", target->qualified),
 					 errhint("Wait for it to finish; see ciflow.sync_progress.")));
-		CiflowRunFailAbandoned(target_name, run->run_id);
+		/* The name is ours: any other run of this target that is 'running' is dead. */
+		CiflowSweepStaging(CiflowRunAbandonedStaging(target->qualified, run->run_id));
+		CiflowRunFailAbandoned(target->qualified, run->run_id);
+		CiflowCheckTarget(target, args->adopt, CiflowRunTargetFilled(target->qualified));
 		CommitXact(run_cxt);
 
 		phase = PHASE_METADATA;
 		pgstat_report_activity(STATE_RUNNING, "ciflow sync: reading metadata");
 		shape = FetchShape(conn, args->entity, failmsg, &run->stats);
+		CiflowShapeSelect(shape, args->fields);
 
 		BeginXact();
-		CiflowPrepareTarget(target, shape);
-		staging = table_open(target->staging_relid, AccessShareLock);
-		loader = CiflowLoaderCreate(shape, staging, run_cxt);
-		table_close(staging, AccessShareLock);
-		CommitXact(run_cxt);
-
-		phase = PHASE_PAGES;
-		pgstat_report_activity(STATE_RUNNING, "ciflow sync: reading pages");
-		pager = CiflowPagerBegin(conn, shape->entity, PageQuery(args, shape),
-								 failmsg, &run->stats);
-		while (CiflowPagerNext(pager, &rows) != NULL)
+		/* The plan (its $filter) outlives this transaction. */
+		MemoryContextSwitchTo(run_cxt);
+		PlanRun(args, shape, target, &plan);
+		if (plan.skip)
 		{
-			int			n;
-
-			BeginXact();
-			staging = table_open(target->staging_relid, RowExclusiveLock);
-			n = CiflowLoadPage(loader, staging, rows, run->pages + 1);
-			table_close(staging, NoLock);
-			run->pages = CiflowPagerPages(pager);
-			run->rows += n;
-			run->rows_expected = CiflowPagerCount(pager);
-			CiflowRunProgress(run);
+			/* Nothing changed upstream: a run of 0 pages, its place kept. */
+			run->watermark = MemoryContextStrdup(run_cxt, plan.previous_json);
+			CiflowRunFinish(run, true, NULL);
 			CommitXact(run_cxt);
 		}
-		CiflowPagerEnd(pager);
+		else
+		{
+			phase = PHASE_PREPARE;
+			CiflowBoundLockWaits();
+			CiflowPrepareTarget(target, shape);
+			if (plan.method == CIFLOW_PUBLISH_SWAP && !target->is_new)
+				CiflowCheckSwap(target);
+			CiflowRunSetStaging(run->run_id, target->staging_relid);
 
-		phase = PHASE_PUBLISH;
-		pgstat_report_activity(STATE_RUNNING, "ciflow sync: publishing");
-		BeginXact();
-		CiflowPublishTarget(target, shape);
-		CiflowRunFinish(run, true, NULL);
-		CommitXact(run_cxt);
+			/*
+			 * Durable before any page, even where page transactions commit
+			 * asynchronously: after a crash the run is still 'running' with
+			 * its staging heap recorded, and the next run sweeps it.
+			 */
+			(void) set_config_option("synchronous_commit", "on", PGC_USERSET, PGC_S_SESSION,
+									 GUC_ACTION_LOCAL, true, 0, false);
+			staging = table_open(target->staging_relid, AccessShareLock);
+			loader = CiflowLoaderCreate(shape, staging, run_cxt);
+			table_close(staging, AccessShareLock);
+			CommitXact(run_cxt);
+
+			phase = PHASE_PAGES;
+			pgstat_report_activity(STATE_RUNNING, "ciflow sync: reading pages");
+			pager = CiflowPagerBegin(conn, shape->entity, PageQuery(args, shape, plan.filter),
+									 failmsg, &run->stats);
+			while (CiflowPagerNext(pager, &rows) != NULL)
+			{
+				int			n;
+
+				BeginXact();
+				staging = table_open(target->staging_relid, RowExclusiveLock);
+				n = CiflowLoadPage(loader, staging, rows, run->pages + 1);
+				table_close(staging, NoLock);
+				run->pages = CiflowPagerPages(pager);
+				run->rows += n;
+				run->rows_expected = CiflowPagerCount(pager);
+				CiflowRunProgress(run);
+				CommitXact(run_cxt);
+			}
+			CiflowPagerEnd(pager);
+
+			phase = PHASE_PUBLISH;
+			pgstat_report_activity(STATE_RUNNING, "ciflow sync: publishing");
+			Publish(target, shape, &plan, run, run_cxt);
+			changed = run->inserted + run->updated + run->deleted > 0;
+		}
 	}
 	PG_CATCH();
 	{
@@ -299,12 +566,15 @@ CiflowSyncExecute(const CiflowSyncArgs *args, CiflowRunState *run)
 		AbortOutOfAnyTransaction();
 		MemoryContextSwitchTo(caller_cxt);
 
+		StripStatementContext(edata);
+		HintLockTimeout(edata, target->qualified);
 		CiflowReframeError(edata, failmsg);
 
 		/* Recording the failure must not itself be cancelled. */
 		HOLD_CANCEL_INTERRUPTS();
 		BeginXact();
 		CiflowDropStaging(target);
+		CiflowRunSetStaging(run->run_id, InvalidOid);
 		MemoryContextSwitchTo(caller_cxt);
 		CiflowRunFinish(run, false,
 						edata->detail ? psprintf("%s: %s", edata->message, edata->detail)
@@ -320,6 +590,11 @@ CiflowSyncExecute(const CiflowSyncArgs *args, CiflowRunState *run)
 	PG_END_TRY();
 
 	CiflowUnlockTarget(target);
-	AnalyzeAfterPublish(target, caller_cxt);
+	/* A run that changed nothing leaves the statistics (and WAL) alone. */
+	if (changed)
+		AnalyzeAfterPublish(target, caller_cxt);
+	/* The run's memory goes; what the caller reads of it must not. */
+	if (run->watermark != NULL)
+		run->watermark = MemoryContextStrdup(caller_cxt, run->watermark);
 	MemoryContextDelete(run_cxt);
 }

@@ -46,6 +46,7 @@
 #include "tcop/tcopprot.h"
 #include "utils/builtins.h"
 #include "utils/guc.h"
+#include "utils/jsonb.h"
 #include "utils/lsyscache.h"
 #include "utils/timestamp.h"
 
@@ -88,7 +89,8 @@ typedef struct SyncShared
 	/* written by the worker; its error comes through the queue */
 	bool		finished;
 	bool		failed;
-	CiflowRunState run;
+	CiflowRunState run;			/* its pointers are the worker's: unusable */
+	char		watermark[8192];	/* run.watermark's text, "" for none */
 
 	Size		queue_offset;	/* the shm_mq, after the strings */
 	int			offsets[NUM_SYNC_STRINGS];	/* -1 for NULL */
@@ -193,6 +195,10 @@ ciflow_sync_worker_main(Datum main_arg)
 	PG_TRY();
 	{
 		CiflowSyncExecute(&args, &sh->run);
+		if (sh->run.watermark != NULL &&
+			strlcpy(sh->watermark, sh->run.watermark, sizeof(sh->watermark)) >= sizeof(sh->watermark))
+			sh->watermark[0] = '\0';	/* stored in full; the returned row shows NULL */
+		sh->run.watermark = NULL;
 		sh->failed = false;
 	}
 	PG_CATCH();
@@ -461,6 +467,8 @@ RunRow(FunctionCallInfo fcinfo, const SyncShared *sh, const char *target)
 			values[i] = Int64GetDatum(run->updated);
 		else if (strcmp(col, "deleted") == 0)
 			values[i] = Int64GetDatum(run->deleted);
+		else if (strcmp(col, "watermark") == 0 && sh->watermark[0] != '\0')
+			values[i] = DirectFunctionCall1(jsonb_in, CStringGetDatum(sh->watermark));
 		else if (strcmp(col, "pid") == 0)
 			values[i] = Int32GetDatum(run->pid);
 		else if (strcmp(col, "run_by") == 0)

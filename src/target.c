@@ -1,20 +1,22 @@
 /*-------------------------------------------------------------------------
  *
  * target.c
- *	  The table a sync fills.  Its shape comes from the entity's metadata
- *	  (snake_case names, types from the Edm types, the key as primary key,
- *	  the original names as column comments); pages go into a staging heap;
- *	  publishing makes the staged contents the target's in one short
- *	  transaction, so readers see the old contents or the new, never a mix.
+ *	  The table a sync fills, and everything done to it that is not a row
+ *	  change: where it may be and who may fill it, its columns (created
+ *	  from the shape, extended when the service adds attributes, checked
+ *	  for changed types), the unlogged staging heap that receives the
+ *	  pages, and the storage swap of publish => 'swap'.
  *
- *	  An existing target keeps its OID (views, grants, comments and
- *	  policies on it survive): the staging heap is made by make_new_heap
- *	  with the target's own descriptor and swapped in by finish_heap_swap,
- *	  the way CLUSTER ends.  A new target is created only at publish, by
- *	  renaming the complete staging table, so it never exists half-full.
+ *	  Everything here runs as the calling role (the sync worker acts as
+ *	  it), through SPI with every identifier quoted; nothing is elevated.
+ *	  The row changes of a publish are apply.c's.  This file never talks
+ *	  to the service and never touches ciflow's catalog.
  *
- *	  This file changes tables; it never talks to the service and never
- *	  touches ciflow's catalog.
+ *	  The staging heap is UNLOGGED (a logged one would write the whole
+ *	  pull to WAL even when nothing changed) and lives beside the target,
+ *	  named from a 64-bit hash of the target's qualified name.  Its OID is
+ *	  recorded with the run, so that a run that died (a crash leaves an
+ *	  unlogged heap behind, reset to empty) is swept by the next one.
  *
  *-------------------------------------------------------------------------
  */
@@ -25,8 +27,11 @@
 #include "access/xact.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_class.h"
+#include "catalog/pg_publication.h"
 #include "catalog/pg_type.h"
 #include "commands/cluster.h"
+#include "commands/comment.h"
+#include "commands/dbcommands.h"
 #include "common/hashfn.h"
 #include "executor/spi.h"
 #include "lib/stringinfo.h"
@@ -35,207 +40,24 @@
 #include "storage/lmgr.h"
 #include "utils/acl.h"
 #include "utils/builtins.h"
+#include "utils/inval.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
+#include "utils/rel.h"
 #include "utils/regproc.h"
 #include "utils/syscache.h"
 
-#include "ciflow.h"
-#include "odata.h"
 #include "target.h"
 
-/* Distinguishes ciflow's name locks from user advisory locks (1 and 2). */
-#define CIFLOW_LOCK_FIELD4 0x4369
-
-static const struct
-{
-	const char *edm;
-	Oid			typid;
-}			edm_types[] =
-{
-	{"Edm.String", TEXTOID},
-	{"Edm.Int32", INT4OID},
-	{"Edm.Int64", INT8OID},
-	{"Edm.Double", FLOAT8OID},
-	{"Edm.Decimal", NUMERICOID},
-	{"Edm.Boolean", BOOLOID},
-	{"Edm.DateTimeOffset", TIMESTAMPTZOID},
-	{"Edm.Date", DATEOID},
-	{"Edm.Guid", UUIDOID},
-};
-
-/* The SQL contract's mapping; every other type is kept as jsonb. */
-static Oid
-EdmTypeOid(const char *edm)
-{
-	int			i;
-
-	for (i = 0; edm != NULL && i < (int) lengthof(edm_types); i++)
-	{
-		if (pg_strcasecmp(edm, edm_types[i].edm) == 0)
-			return edm_types[i].typid;
-	}
-	return JSONBOID;
-}
-
-/* Cuts a name to fit NAMEDATALEN, with a hash suffix so cuts stay distinct. */
-static char *
-FitName(const char *name)
-{
-	size_t		len = strlen(name);
-
-	if (len < NAMEDATALEN)
-		return pstrdup(name);
-	return psprintf("%.*s_%08x", NAMEDATALEN - 10, name,
-					hash_bytes((const unsigned char *) name, (int) len));
-}
-
 /*
- * FullName -> full_name, CustomerId -> customer_id, HTTPStatus ->
- * http_status, RetailPos_Transactions -> retail_pos_transactions.  Other
- * punctuation becomes one underscore; non-ASCII letters are kept.
+ * Distinguish ciflow's advisory locks from user ones (field4 1 and 2): the
+ * run's lock on a target's name, and the lock that serializes creating a
+ * schema.
  */
-char *
-CiflowSnakeCase(const char *name)
-{
-	StringInfoData out;
-	const unsigned char *s = (const unsigned char *) name;
-	size_t		len = strlen(name);
-	size_t		i;
+#define CIFLOW_LOCK_TARGET 0x4369
+#define CIFLOW_LOCK_SCHEMA 0x436A
 
-	initStringInfo(&out);
-	for (i = 0; i < len; i++)
-	{
-		unsigned char c = s[i];
-		bool		last_is_sep = out.len == 0 || out.data[out.len - 1] == '_';
-
-		if (c >= 'A' && c <= 'Z')
-		{
-			bool		prev_lower = i > 0 && ((s[i - 1] >= 'a' && s[i - 1] <= 'z') ||
-											   (s[i - 1] >= '0' && s[i - 1] <= '9'));
-			bool		acronym_end = i > 0 && s[i - 1] >= 'A' && s[i - 1] <= 'Z' &&
-				i + 1 < len && s[i + 1] >= 'a' && s[i + 1] <= 'z';
-
-			if (!last_is_sep && (prev_lower || acronym_end))
-				appendStringInfoChar(&out, '_');
-			appendStringInfoChar(&out, (char) (c - 'A' + 'a'));
-		}
-		else if ((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c >= 0x80)
-			appendStringInfoChar(&out, (char) c);
-		else if (!last_is_sep)
-			appendStringInfoChar(&out, '_');
-	}
-	while (out.len > 0 && out.data[out.len - 1] == '_')
-		out.data[--out.len] = '\0';
-	if (out.len == 0)
-		appendStringInfoString(&out, "column");
-	if (out.data[0] >= '0' && out.data[0] <= '9')
-		return FitName(psprintf("_%s", out.data));
-	return FitName(out.data);
-}
-
-static void
-MetadataError(const char *failmsg, const char *detail)
-{
-	ereport(ERROR,
-			(errcode(ERRCODE_INVALID_JSON_TEXT),
-			 errmsg("%s", failmsg),
-			 errdetail("The entity's metadata is unusable: %s", detail)));
-}
-
-/* A key member is {"name": "..."} or just the name. */
-static const char *
-KeyAttributeName(json_t *member)
-{
-	if (json_is_string(member))
-		return json_string_value(member);
-	return CiflowJsonString(member, "name");
-}
-
-static void
-ShapeKeys(CiflowShape *shape, json_t *keys, const char *failmsg)
-{
-	json_t	   *first;
-	json_t	   *member;
-	size_t		i;
-
-	if (!json_is_array(keys) || json_array_size(keys) == 0)
-		return;
-	/* [[key attributes], ...]: the first set is the primary key. */
-	first = json_array_get(keys, 0);
-	if (!json_is_array(first))
-		first = keys;
-
-	shape->keys = palloc(sizeof(int) * json_array_size(first));
-	json_array_foreach(first, i, member)
-	{
-		const char *name = KeyAttributeName(member);
-		int			c;
-
-		for (c = 0; name != NULL && c < shape->ncolumns; c++)
-		{
-			if (strcmp(shape->columns[c].remote_name, name) == 0)
-				break;
-		}
-		if (name == NULL || c == shape->ncolumns)
-			MetadataError(failmsg, psprintf("key attribute \"%s\" is not among its attributes.",
-										   name ? name : "(unnamed)"));
-		shape->columns[c].is_key = true;
-		shape->keys[shape->nkeys++] = c;
-	}
-}
-
-CiflowShape *
-CiflowShapeFromMetadata(json_t *entity, const char *failmsg)
-{
-	CiflowShape *shape = palloc0(sizeof(CiflowShape));
-	json_t	   *attrs = json_object_get(entity, "attributes");
-	json_t	   *attr;
-	const char *name;
-	size_t		i;
-
-	name = CiflowJsonString(entity, "qualifiedEntityName");
-	if (name == NULL)
-		name = CiflowJsonString(entity, "name");
-	if (name == NULL)
-		MetadataError(failmsg, "it has no qualifiedEntityName.");
-	shape->entity = pstrdup(name);
-	shape->is_system = CiflowJsonString(entity, "dataSourceName") == NULL;
-
-	if (!json_is_array(attrs) || json_array_size(attrs) == 0)
-		MetadataError(failmsg, "it has no attributes.");
-	shape->columns = palloc0(sizeof(CiflowColumn) * json_array_size(attrs));
-	json_array_foreach(attrs, i, attr)
-	{
-		CiflowColumn *col = &shape->columns[shape->ncolumns];
-		const char *aname = CiflowJsonString(attr, "name");
-		const char *edm = CiflowJsonString(attr, "dataType");
-		char	   *base;
-		int			suffix = 1;
-		int			c;
-
-		if (aname == NULL)
-			MetadataError(failmsg, psprintf("attribute %zu has no name.", i + 1));
-		col->remote_name = pstrdup(aname);
-		col->edm_type = pstrdup(edm ? edm : "(none)");
-		col->typid = EdmTypeOid(edm);
-
-		/* Two attributes may fold to one name (Name, name): number them. */
-		base = CiflowSnakeCase(aname);
-		col->name = base;
-		for (c = 0; c < shape->ncolumns; c++)
-		{
-			if (strcmp(shape->columns[c].name, col->name) == 0)
-			{
-				col->name = FitName(psprintf("%s_%d", base, ++suffix));
-				c = -1;
-			}
-		}
-		shape->ncolumns++;
-	}
-	ShapeKeys(shape, json_object_get(entity, "keys"), failmsg);
-	return shape;
-}
+#define STAGING_PREFIX "ciflow_stage_"
 
 char *
 CiflowTargetName(const char *schema, const char *table)
@@ -277,20 +99,14 @@ CiflowResolveTarget(const char *connection, const char *entity,
 				 errhint("Give a table name, optionally qualified by a schema name.")));
 }
 
-/*
- * The lock is on the qualified name, before any relation exists: a 64-bit
- * hash of it (two distinct targets colliding is a 2^-64 chance).
- */
+/* A 64-bit hash of a name, in an advisory lock tag of ciflow's. */
 static void
-NameLockTag(const CiflowTarget *t, LOCKTAG *tag)
+NameLockTag(const char *name, uint16 kind, LOCKTAG *tag)
 {
-	char	   *qualified = psprintf("%s.%s", t->schema, t->table);
-	uint64		h = hash_bytes_extended((const unsigned char *) qualified,
-										(int) strlen(qualified), 0);
+	uint64		h = hash_bytes_extended((const unsigned char *) name,
+										(int) strlen(name), 0);
 
-	SET_LOCKTAG_ADVISORY(*tag, MyDatabaseId, (uint32) (h >> 32), (uint32) h,
-						 CIFLOW_LOCK_FIELD4);
-	pfree(qualified);
+	SET_LOCKTAG_ADVISORY(*tag, MyDatabaseId, (uint32) (h >> 32), (uint32) h, kind);
 }
 
 bool
@@ -298,7 +114,7 @@ CiflowLockTargetName(CiflowTarget *t)
 {
 	LOCKTAG		tag;
 
-	NameLockTag(t, &tag);
+	NameLockTag(t->qualified, CIFLOW_LOCK_TARGET, &tag);
 	t->name_locked = LockAcquire(&tag, ExclusiveLock, true, true) != LOCKACQUIRE_NOT_AVAIL;
 	return t->name_locked;
 }
@@ -306,55 +122,193 @@ CiflowLockTargetName(CiflowTarget *t)
 void
 CiflowUnlockTarget(CiflowTarget *t)
 {
-	if (t->rel_locked)
-	{
-		UnlockRelationIdForSession(&t->lockrelid, ShareUpdateExclusiveLock);
-		t->rel_locked = false;
-	}
-	if (t->name_locked)
-	{
-		LOCKTAG		tag;
+	LOCKTAG		tag;
 
-		NameLockTag(t, &tag);
-		LockRelease(&tag, ExclusiveLock, true);
-		t->name_locked = false;
-	}
+	/* Cleared first: a release that failed is never tried twice. */
+	if (!t->name_locked)
+		return;
+	t->name_locked = false;
+	NameLockTag(t->qualified, CIFLOW_LOCK_TARGET, &tag);
+	LockRelease(&tag, ExclusiveLock, true);
 }
 
-static void
-ExecSql(const char *sql)
+uint64
+CiflowExecSql(const char *sql)
 {
 	int			rc = SPI_execute(sql, false, 0);
 
 	if (rc < 0)
-		elog(ERROR, "SPI_execute failed (%s): %s", SPI_result_code_string(rc), sql);
+		elog(ERROR, "SPI_execute failed: %s", SPI_result_code_string(rc));
+	return SPI_processed;
 }
 
-/* Name of the staging table of a target that does not exist yet. */
-static char *
-NewStagingName(const char *table)
+/* 42501 naming the missing privilege, with the GRANT that gives it. */
+static void
+PrivilegeError(const char *privilege, const char *kind, const char *object,
+			   const char *why)
 {
-	return psprintf("ciflow_new_%08x",
-					hash_bytes((const unsigned char *) table, (int) strlen(table)));
+	const char *role = quote_identifier(GetUserNameFromId(GetUserId(), false));
+
+	ereport(ERROR,
+			(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+			 errmsg("permission denied: role %s lacks %s on %s %s", role, privilege,
+					kind, object),
+			 errdetail("%s", why),
+			 errhint("GRANT %s ON %s %s TO %s;", privilege, kind, object, role)));
+}
+
+static bool
+IsReservedSchema(const char *schema)
+{
+	return strcmp(schema, "ciflow") == 0 ||
+		strcmp(schema, "information_schema") == 0 ||
+		strncmp(schema, "pg_", 3) == 0;
 }
 
 static void
-DropTableIfExists(const char *schema, const char *table)
+CheckTablePrivileges(const CiflowTarget *t, Oid relid)
 {
-	/* Quietly: the caller sees the worker's NOTICEs, and this is not news. */
-	Oid			nspid = get_namespace_oid(schema, true);
+	static const struct
+	{
+		AclMode		mode;
+		const char *name;
+	}			needed[] =
+	{
+		{ACL_SELECT, "SELECT"},
+		{ACL_INSERT, "INSERT"},
+		{ACL_UPDATE, "UPDATE"},
+		{ACL_DELETE, "DELETE"},
+	};
+	int			i;
 
-	if (!OidIsValid(nspid) || !OidIsValid(get_relname_relid(table, nspid)))
+	for (i = 0; i < (int) lengthof(needed); i++)
+	{
+		if (pg_class_aclcheck(relid, GetUserId(), needed[i].mode) != ACLCHECK_OK)
+			PrivilegeError(needed[i].name, "TABLE", t->qualified,
+						   "A sync reads the target and inserts, updates and deletes its rows.");
+	}
+}
+
+void
+CiflowCheckTarget(CiflowTarget *t, bool adopt, bool filled_before)
+{
+	Oid			nspid;
+	Oid			relid;
+	char		relkind;
+
+	if (IsReservedSchema(t->schema))
+		ereport(ERROR,
+				(errcode(ERRCODE_RESERVED_NAME),
+				 errmsg("target %s is in a schema a sync may not write", t->qualified),
+				 errdetail("Targets are never in ciflow, pg_catalog, information_schema or a pg_ schema."),
+				 errhint("Choose another target, with target => 'schema.table'.")));
+
+	nspid = get_namespace_oid(t->schema, true);
+	if (!OidIsValid(nspid))
+	{
+		char	   *db = get_database_name(MyDatabaseId);
+
+		if (pg_database_aclcheck(MyDatabaseId, GetUserId(), ACL_CREATE) != ACLCHECK_OK)
+			PrivilegeError("CREATE", "DATABASE", quote_identifier(db),
+						   psprintf("Schema %s does not exist, and the sync would create it.",
+									quote_identifier(t->schema)));
+		t->relid = InvalidOid;
 		return;
-	ExecSql(psprintf("DROP TABLE IF EXISTS %s",
-					 quote_qualified_identifier(schema, table)));
+	}
+	if (pg_namespace_aclcheck(nspid, GetUserId(), ACL_USAGE) != ACLCHECK_OK)
+		PrivilegeError("USAGE", "SCHEMA", quote_identifier(t->schema),
+					   "The target is in this schema.");
+	if (pg_namespace_aclcheck(nspid, GetUserId(), ACL_CREATE) != ACLCHECK_OK)
+		PrivilegeError("CREATE", "SCHEMA", quote_identifier(t->schema),
+					   "The sync stages the pulled rows in a table of the target's schema.");
+
+	relid = get_relname_relid(t->table, nspid);
+	t->relid = relid;
+	if (!OidIsValid(relid))
+		return;
+	relkind = get_rel_relkind(relid);
+	if (relkind != RELKIND_RELATION && relkind != RELKIND_PARTITIONED_TABLE)
+		ereport(ERROR,
+				(errcode(ERRCODE_WRONG_OBJECT_TYPE),
+				 errmsg("target %s is not a table", t->qualified),
+				 errhint("Sync into a plain or partitioned table, or into a new one.")));
+	CheckTablePrivileges(t, relid);
+
+	/* A table no run has filled may be an unrelated one: adopt it knowingly. */
+	if (!filled_before && !adopt)
+	{
+		SPI_connect();
+		if (CiflowExecSql(psprintf("SELECT 1 FROM %s LIMIT 1", t->qualified)) > 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+					 errmsg("target %s already holds rows that no ciflow sync put there",
+							t->qualified),
+					 errdetail("A sync makes the target's rows those of the entity: it would delete the others."),
+					 errhint("Sync into another target, or pass adopt => true to let the sync take the table over.")));
+		SPI_finish();
+	}
 }
 
-static void
-CommentColumn(const char *qualified, const CiflowColumn *col)
+void
+CiflowSweepStaging(List *staging_relids)
 {
-	ExecSql(psprintf("COMMENT ON COLUMN %s.%s IS %s", qualified,
-					 quote_identifier(col->name), quote_literal_cstr(col->remote_name)));
+	ListCell   *lc;
+
+	SPI_connect();
+	foreach(lc, staging_relids)
+	{
+		Oid			relid = lfirst_oid(lc);
+		HeapTuple	tup = SearchSysCache1(RELOID, ObjectIdGetDatum(relid));
+		Form_pg_class form;
+		char	   *name;
+
+		if (!HeapTupleIsValid(tup))
+			continue;
+		form = (Form_pg_class) GETSTRUCT(tup);
+
+		/* The OID may have been reused since: only ever drop a staging heap. */
+		if (strncmp(NameStr(form->relname), STAGING_PREFIX, strlen(STAGING_PREFIX)) != 0 ||
+			form->relpersistence != RELPERSISTENCE_UNLOGGED)
+		{
+			ReleaseSysCache(tup);
+			continue;
+		}
+		name = quote_qualified_identifier(get_namespace_name(form->relnamespace),
+										  NameStr(form->relname));
+		ReleaseSysCache(tup);
+		if (!pg_class_ownercheck(relid, GetUserId()))
+			ereport(WARNING,
+					(errmsg("staging table %s of an interrupted sync belongs to another role; it is left in place",
+							name),
+					 errhint("Its owner's next sync of the same target drops it, or DROP TABLE it.")));
+		else
+			CiflowExecSql(psprintf("DROP TABLE IF EXISTS %s", name));
+	}
+	SPI_finish();
+}
+
+/*
+ * The schema of a first sync.  Concurrent first syncs into one new schema
+ * each run CREATE SCHEMA IF NOT EXISTS, which races (23505 on
+ * pg_namespace): one creates it under a lock held to its commit, the
+ * others wait, then see the committed schema.
+ */
+static Oid
+EnsureSchema(const char *schema)
+{
+	Oid			nspid = get_namespace_oid(schema, true);
+	LOCKTAG		tag;
+
+	if (OidIsValid(nspid))
+		return nspid;
+	NameLockTag(schema, CIFLOW_LOCK_SCHEMA, &tag);
+	(void) LockAcquire(&tag, ExclusiveLock, false, false);
+	AcceptInvalidationMessages();
+	nspid = get_namespace_oid(schema, true);
+	if (OidIsValid(nspid))
+		return nspid;
+	CiflowExecSql(psprintf("CREATE SCHEMA IF NOT EXISTS %s", quote_identifier(schema)));
+	return get_namespace_oid(schema, false);
 }
 
 static char *
@@ -365,267 +319,358 @@ ColumnDefinition(const CiflowColumn *col)
 }
 
 static void
-CreateStagingTable(CiflowTarget *t, const CiflowShape *shape, Oid nspid)
+CommentColumn(const char *qualified, const CiflowColumn *col)
 {
-	char	   *staging = NewStagingName(t->table);
-	char	   *qualified = quote_qualified_identifier(t->schema, staging);
-	StringInfoData sql;
-	int			i;
+	CiflowExecSql(psprintf("COMMENT ON COLUMN %s.%s IS %s", qualified,
+						   quote_identifier(col->name),
+						   quote_literal_cstr(col->remote_name)));
+}
 
-	initStringInfo(&sql);
-	appendStringInfo(&sql, "CREATE TABLE %s (", qualified);
-	for (i = 0; i < shape->ncolumns; i++)
-		appendStringInfo(&sql, "%s%s", i ? ", " : "", ColumnDefinition(&shape->columns[i]));
-	appendStringInfoChar(&sql, ')');
-	ExecSql(sql.data);
-	for (i = 0; i < shape->ncolumns; i++)
-		CommentColumn(qualified, &shape->columns[i]);
-	t->staging_relid = get_relname_relid(staging, nspid);
-	t->is_new = true;
+static const CiflowColumn *
+ShapeColumn(const CiflowShape *shape, const char *name)
+{
+	int			c;
+
+	for (c = 0; c < shape->ncolumns; c++)
+	{
+		if (strcmp(shape->columns[c].name, name) == 0)
+			return &shape->columns[c];
+	}
+	return NULL;
 }
 
 /*
- * The target must still be able to hold the entity: matching columns must
- * have the mapped type; attributes the service added become new columns.
- * Columns the service dropped, and the user's own columns, stay (NULL).
+ * Matches the target's columns with the shape's; returns the shape's
+ * columns the target lacks.  A column whose type changed, an entity column
+ * the target generates, and a column of the user's own that no inserted
+ * row could fill (NOT NULL, no default) are errors: found here, before
+ * any page is fetched, not halfway through a publish.
  */
-static void
-ReconcileColumns(CiflowTarget *t, const CiflowShape *shape, Relation rel)
+static List *
+MatchColumns(const CiflowTarget *t, const CiflowShape *shape, Relation rel)
 {
 	TupleDesc	desc = RelationGetDescr(rel);
-	char	   *qualified = CiflowTargetName(t->schema, t->table);
-	int			i;
+	List	   *missing = NIL;
+	int			c;
+	int			a;
 
-	for (i = 0; i < shape->ncolumns; i++)
+	for (c = 0; c < shape->ncolumns; c++)
 	{
-		const CiflowColumn *col = &shape->columns[i];
-		int			a;
+		const CiflowColumn *col = &shape->columns[c];
+		Form_pg_attribute att = NULL;
 
 		for (a = 0; a < desc->natts; a++)
 		{
-			Form_pg_attribute att = TupleDescAttr(desc, a);
-
+			att = TupleDescAttr(desc, a);
 			if (!att->attisdropped && strcmp(NameStr(att->attname), col->name) == 0)
 				break;
 		}
 		if (a == desc->natts)
-		{
-			ExecSql(psprintf("ALTER TABLE %s ADD COLUMN %s", qualified,
-							 ColumnDefinition(col)));
-			CommentColumn(qualified, col);
-		}
-		else if (TupleDescAttr(desc, a)->atttypid != col->typid)
+			missing = lappend(missing, (void *) col);
+		else if (att->atttypid != col->typid)
 			ereport(ERROR,
 					(errcode(ERRCODE_DATATYPE_MISMATCH),
-					 errmsg("column \"%s\" of %s has type %s, but attribute \"%s\" of entity \"%s\" is %s",
-							col->name, qualified,
-							format_type_be(TupleDescAttr(desc, a)->atttypid),
-							col->remote_name, shape->entity,
+					 errmsg("column \"%s\" of %s has type %s, but attribute \"%s\" of entity \"%s\" is %s (%s)",
+							col->name, t->qualified, format_type_be(att->atttypid),
+							col->remote_name, shape->entity, col->edm_type,
 							format_type_be(col->typid)),
-					 errhint("Drop the table, or sync into another target.")));
+					 errhint("The attribute's type changed, or the table was made for something else: "
+							 "convert the column with ALTER TABLE ... ALTER COLUMN ... TYPE %s, or sync into another target.",
+							 format_type_be(col->typid))));
+		else if (att->attgenerated != '\0')
+			ereport(ERROR,
+					(errcode(ERRCODE_WRONG_OBJECT_TYPE),
+					 errmsg("column \"%s\" of %s is generated, but attribute \"%s\" of entity \"%s\" fills it",
+							col->name, t->qualified, col->remote_name, shape->entity),
+					 errhint("Rename the generated column.")));
 	}
+	for (a = 0; a < desc->natts; a++)
+	{
+		Form_pg_attribute att = TupleDescAttr(desc, a);
+
+		if (!att->attisdropped && att->attnotnull && !att->atthasdef &&
+			att->attidentity == '\0' && att->attgenerated == '\0' &&
+			ShapeColumn(shape, NameStr(att->attname)) == NULL)
+			ereport(ERROR,
+					(errcode(ERRCODE_NOT_NULL_VIOLATION),
+					 errmsg("column \"%s\" of %s is NOT NULL without a default, and entity \"%s\" has no attribute for it",
+							NameStr(att->attname), t->qualified, shape->entity),
+					 errhint("Give the column a DEFAULT, or drop its NOT NULL constraint.")));
+	}
+	return missing;
+}
+
+void
+CiflowCheckColumns(const CiflowTarget *t, const CiflowShape *shape)
+{
+	Relation	rel = table_open(t->relid, AccessShareLock);
+	List	   *missing = MatchColumns(t, shape, rel);
+
+	table_close(rel, NoLock);
+	if (missing != NIL)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_COLUMN),
+				 errmsg("column \"%s\" of %s was dropped while the sync ran",
+						((CiflowColumn *) linitial(missing))->name, t->qualified)));
+}
+
+List *
+CiflowRetiredColumns(const CiflowTarget *t, const CiflowShape *shape)
+{
+	Relation	rel = table_open(t->relid, AccessShareLock);
+	TupleDesc	desc = RelationGetDescr(rel);
+	List	   *retired = NIL;
+	int			a;
+
+	for (a = 0; a < desc->natts; a++)
+	{
+		Form_pg_attribute att = TupleDescAttr(desc, a);
+		char	   *comment;
+
+		if (att->attisdropped || att->attnotnull || att->attgenerated != '\0' ||
+			ShapeColumn(shape, NameStr(att->attname)) != NULL)
+			continue;
+		/* ciflow comments its columns with the attribute's name. */
+		comment = GetComment(t->relid, RelationRelationId, att->attnum);
+		if (comment != NULL && strcmp(CiflowSnakeCase(comment), NameStr(att->attname)) == 0)
+			retired = lappend(retired, pstrdup(NameStr(att->attname)));
+	}
+	table_close(rel, NoLock);
+	return retired;
+}
+
+static char *
+StagingName(const CiflowTarget *t)
+{
+	char	   *qualified = psprintf("%s.%s", t->schema, t->table);
+
+	return psprintf(STAGING_PREFIX "%016" INT64_MODIFIER "x",
+					(uint64) hash_bytes_extended((const unsigned char *) qualified,
+												 (int) strlen(qualified), 0));
+}
+
+/* Columns are the shape's, plus the order of arrival (for duplicates). */
+static void
+CreateStaging(CiflowTarget *t, const CiflowShape *shape, Oid nspid)
+{
+	char	   *name = StagingName(t);
+	StringInfoData sql;
+	int			i;
+
+	/* In the run's memory, not SPI's: the name outlives this transaction. */
+	t->staging = MemoryContextStrdup(GetMemoryChunkContext(t),
+									 quote_qualified_identifier(t->schema, name));
+	/*
+	 * The name lock is ours: anything staged under this name is a dead
+	 * run's.  Dropped only if there (the caller sees the worker's NOTICEs).
+	 */
+	if (OidIsValid(get_relname_relid(name, get_namespace_oid(t->schema, false))))
+		CiflowExecSql(psprintf("DROP TABLE %s", t->staging));
+
+	initStringInfo(&sql);
+	appendStringInfo(&sql, "CREATE UNLOGGED TABLE %s (", t->staging);
+	for (i = 0; i < shape->ncolumns; i++)
+		appendStringInfo(&sql, "%s, ", ColumnDefinition(&shape->columns[i]));
+	/* autovacuum would only get in the way of a table that lives minutes. */
+	appendStringInfo(&sql, "%s pg_catalog.int8) WITH (autovacuum_enabled = false)",
+					 quote_identifier(CIFLOW_STAGE_SEQ));
+	CiflowExecSql(sql.data);
+	t->staging_relid = get_relname_relid(name, nspid);
 }
 
 void
 CiflowPrepareTarget(CiflowTarget *t, const CiflowShape *shape)
 {
 	Oid			nspid;
-	Relation	rel;
+	ListCell   *lc;
 
 	SPI_connect();
-	nspid = get_namespace_oid(t->schema, true);
-	if (!OidIsValid(nspid))
-	{
-		ExecSql(psprintf("CREATE SCHEMA IF NOT EXISTS %s", quote_identifier(t->schema)));
-		nspid = get_namespace_oid(t->schema, false);
-	}
-
-	/*
-	 * The name lock is ours, so anything staged under this name is a dead
-	 * run's.
-	 */
-	DropTableIfExists(t->schema, NewStagingName(t->table));
+	nspid = EnsureSchema(t->schema);
 	t->relid = get_relname_relid(t->table, nspid);
-	if (!OidIsValid(t->relid))
+	t->is_new = !OidIsValid(t->relid);
+	if (!t->is_new)
 	{
-		CreateStagingTable(t, shape, nspid);
-		SPI_finish();
-		return;
-	}
-
-	DropTableIfExists(t->schema, psprintf("pg_temp_%u", t->relid));
-	rel = table_open(t->relid, AccessShareLock);
-	if (rel->rd_rel->relkind != RELKIND_RELATION)
-		ereport(ERROR,
-				(errcode(ERRCODE_WRONG_OBJECT_TYPE),
-				 errmsg("target %s is not a table", CiflowTargetName(t->schema, t->table))));
-	if (!pg_class_ownercheck(t->relid, GetUserId()))
-		aclcheck_error(ACLCHECK_NOT_OWNER, OBJECT_TABLE, t->table);
-
-	/*
-	 * Until publish, nothing may change the target's columns: the staging
-	 * heap's layout is the target's.  Readers and writers are not blocked.
-	 */
-	t->lockrelid = rel->rd_lockInfo.lockRelId;
-	LockRelationIdForSession(&t->lockrelid, ShareUpdateExclusiveLock);
-	t->rel_locked = true;
-
-	ReconcileColumns(t, shape, rel);
-	t->staging_relid = make_new_heap(t->relid, rel->rd_rel->reltablespace,
-									 rel->rd_rel->relam,
-									 rel->rd_rel->relpersistence, ExclusiveLock);
-	t->is_new = false;
-	table_close(rel, NoLock);
-	SPI_finish();
-}
-
-static char *
-KeyList(const CiflowShape *shape)
-{
-	StringInfoData s;
-	int			k;
-
-	initStringInfo(&s);
-	for (k = 0; k < shape->nkeys; k++)
-		appendStringInfo(&s, "%s%s", k ? ", " : "",
-						 quote_identifier(shape->columns[shape->keys[k]].name));
-	return s.data;
-}
-
-/*
- * Offset paging over changing data can deliver a row twice; the version
- * received last wins.  Only run when the key index found duplicates.
- */
-static void
-DedupeStaging(const CiflowTarget *t, const CiflowShape *shape)
-{
-	char	   *staging = quote_qualified_identifier(t->schema, get_rel_name(t->staging_relid));
-	char	   *keys = KeyList(shape);
-
-	SPI_connect();
-	ExecSql(psprintf("DELETE FROM %s AS a WHERE EXISTS (SELECT 1 FROM %s AS b"
-					 " WHERE (b.%s) IS NOT DISTINCT FROM (a.%s) AND b.ctid > a.ctid)",
-					 staging, staging, keys, keys));
-	ereport(WARNING,
-			(errmsg("entity \"%s\" delivered " UINT64_FORMAT " duplicate rows; the last version of each was kept",
-					shape->entity, SPI_processed),
-			 errhint("The data changed while it was paged through with $skip.")));
-	SPI_finish();
-}
-
-static void
-PublishOnce(CiflowTarget *t, const CiflowShape *shape)
-{
-	if (t->is_new)
-	{
-		Oid			nspid = get_namespace_oid(t->schema, false);
-		char	   *qualified = CiflowTargetName(t->schema, t->table);
-
-		if (OidIsValid(get_relname_relid(t->table, nspid)))
-			ereport(ERROR,
-					(errcode(ERRCODE_DUPLICATE_TABLE),
-					 errmsg("relation %s was created while the sync ran", qualified)));
-		SPI_connect();
-		ExecSql(psprintf("ALTER TABLE %s RENAME TO %s",
-						 quote_qualified_identifier(t->schema, get_rel_name(t->staging_relid)),
-						 quote_identifier(t->table)));
-		if (shape->nkeys > 0)
-			ExecSql(psprintf("ALTER TABLE %s ADD PRIMARY KEY (%s)", qualified, KeyList(shape)));
-		SPI_finish();
-		t->relid = t->staging_relid;
-	}
-	else
-	{
-		HeapTuple	tup;
-		Form_pg_class staging;
-		TransactionId frozen_xid;
-		MultiXactId min_multi;
-		char		persistence;
-
-		LockRelationOid(t->relid, AccessExclusiveLock);
-		tup = SearchSysCache1(RELOID, ObjectIdGetDatum(t->staging_relid));
-		if (!HeapTupleIsValid(tup))
-			elog(ERROR, "cache lookup failed for relation %u", t->staging_relid);
-		staging = (Form_pg_class) GETSTRUCT(tup);
+		Relation	rel = table_open(t->relid, AccessShareLock);
+		List	   *missing = MatchColumns(t, shape, rel);
 
 		/*
-		 * The staged rows were inserted by this run's transactions, all
-		 * younger than the staging heap's own relfrozenxid: that is the
-		 * horizon the swapped-in contents need.
+		 * Closed (the lock kept) before the ALTER: an ALTER of a relation
+		 * this session still has open fails with 55006.
 		 */
-		frozen_xid = staging->relfrozenxid;
-		min_multi = staging->relminmxid;
-		ReleaseSysCache(tup);
-		persistence = get_rel_persistence(t->relid);
-		finish_heap_swap(t->relid, t->staging_relid, false, false, true, true,
-						 frozen_xid, min_multi, persistence);
+		table_close(rel, NoLock);
+		foreach(lc, missing)
+		{
+			const CiflowColumn *col = lfirst(lc);
+
+			CiflowExecSql(psprintf("ALTER TABLE %s ADD COLUMN %s", t->qualified,
+								   ColumnDefinition(col)));
+			CommentColumn(t->qualified, col);
+		}
 	}
-	t->staging_relid = InvalidOid;
+	CreateStaging(t, shape, nspid);
+	SPI_finish();
 }
 
 void
-CiflowPublishTarget(CiflowTarget *t, const CiflowShape *shape)
+CiflowCreateTarget(CiflowTarget *t, const CiflowShape *shape)
 {
-	MemoryContext cxt = CurrentMemoryContext;
-	ResourceOwner owner = CurrentResourceOwner;
-	CiflowTarget saved = *t;
+	StringInfoData sql;
+	int			i;
+
+	SPI_connect();
+	if (OidIsValid(get_relname_relid(t->table, get_namespace_oid(t->schema, false))))
+		ereport(ERROR,
+				(errcode(ERRCODE_DUPLICATE_TABLE),
+				 errmsg("relation %s was created while the sync ran", t->qualified),
+				 errhint("Sync again: the next run fills the table that now exists.")));
+	initStringInfo(&sql);
+	appendStringInfo(&sql, "CREATE TABLE %s (", t->qualified);
+	for (i = 0; i < shape->ncolumns; i++)
+		appendStringInfo(&sql, "%s%s", i ? ", " : "", ColumnDefinition(&shape->columns[i]));
+	appendStringInfoChar(&sql, ')');
+	CiflowExecSql(sql.data);
+	for (i = 0; i < shape->ncolumns; i++)
+		CommentColumn(t->qualified, &shape->columns[i]);
+	t->relid = get_relname_relid(t->table, get_namespace_oid(t->schema, false));
+	SPI_finish();
+}
+
+void
+CiflowAddPrimaryKey(const CiflowTarget *t, const CiflowShape *shape)
+{
+	StringInfoData keys;
 
 	if (shape->nkeys == 0)
-	{
-		PublishOnce(t, shape);
 		return;
-	}
+	initStringInfo(&keys);
+	CiflowAppendColumns(&keys, shape, true, "");
+	SPI_connect();
+	CiflowExecSql(psprintf("ALTER TABLE %s ADD PRIMARY KEY (%s)", t->qualified, keys.data));
+	SPI_finish();
+}
 
-	/* Building the key index finds duplicates for free; only then dedupe. */
-	BeginInternalSubTransaction(NULL);
-	PG_TRY();
+static void
+RefuseSwap(const CiflowTarget *t, const char *why)
+{
+	ereport(ERROR,
+			(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+			 errmsg("publish => 'swap' cannot replace the storage of %s", t->qualified),
+			 errdetail("%s", why),
+			 errhint("Use publish => 'diff' (the default): it applies ordinary row changes that everything sees.")));
+}
+
+/* Any constraint of another table that references this one. */
+static bool
+IsReferenced(Oid relid)
+{
+	bool		found;
+
+	SPI_connect();
+	found = CiflowExecSql(psprintf("SELECT 1 FROM pg_catalog.pg_constraint"
+								   " WHERE confrelid OPERATOR(pg_catalog.=) %u"
+								   " AND contype OPERATOR(pg_catalog.=) 'f' LIMIT 1",
+								   relid)) > 0;
+	SPI_finish();
+	return found;
+}
+
+void
+CiflowCheckSwap(const CiflowTarget *t)
+{
+	Relation	rel;
+	TupleDesc	desc;
+	int			i;
+
+	if (!OidIsValid(t->relid))
+		return;					/* a first sync creates the table */
+	rel = table_open(t->relid, AccessShareLock);
+	desc = RelationGetDescr(rel);
+	if (rel->rd_rel->relkind == RELKIND_PARTITIONED_TABLE || rel->rd_rel->relispartition)
+		RefuseSwap(t, "It is a partitioned table or a partition: swapped-in rows would not be routed to their partitions.");
+	if (IsReferenced(t->relid))
+		RefuseSwap(t, "A foreign key references it: the swap would leave the referencing rows pointing at deleted ones.");
+	if (rel->trigdesc != NULL)
 	{
-		PublishOnce(t, shape);
-		ReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(cxt);
-		CurrentResourceOwner = owner;
+		for (i = 0; i < rel->trigdesc->numtriggers; i++)
+		{
+			if (!rel->trigdesc->triggers[i].tgisinternal)
+				RefuseSwap(t, psprintf("It has trigger \"%s\", which a swap does not fire.",
+									   rel->trigdesc->triggers[i].tgname));
+		}
 	}
-	PG_CATCH();
+	if (desc->constr && (desc->constr->has_generated_stored || desc->constr->num_check > 0))
+		RefuseSwap(t, "It has generated columns or CHECK constraints, which a swap neither computes nor checks.");
+	if (RelationGetFKeyList(rel) != NIL)
+		RefuseSwap(t, "It has foreign keys, which a swap does not check.");
+	for (i = 0; i < desc->natts; i++)
 	{
-		ErrorData  *edata;
+		Form_pg_attribute att = TupleDescAttr(desc, i);
 
-		MemoryContextSwitchTo(cxt);
-		edata = CopyErrorData();
-		if (edata->sqlerrcode != ERRCODE_UNIQUE_VIOLATION)
-			PG_RE_THROW();
-		FlushErrorState();
-		RollbackAndReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(cxt);
-		CurrentResourceOwner = owner;
-
-		*t = saved;
-		DedupeStaging(t, shape);
-		PublishOnce(t, shape);
+		if (!att->attisdropped && (att->atthasdef || att->attidentity != '\0'))
+			RefuseSwap(t, psprintf("Column \"%s\" has a default, which a swap does not apply.",
+								   NameStr(att->attname)));
 	}
-	PG_END_TRY();
+	if (GetRelationPublications(t->relid) != NIL || GetAllTablesPublications() != NIL ||
+		GetSchemaPublications(RelationGetNamespace(rel)) != NIL)
+		RefuseSwap(t, "It is published for logical replication, which does not see a swap.");
+	table_close(rel, AccessShareLock);
+}
+
+char *
+CiflowSwapBegin(CiflowTarget *t, Oid *new_heap)
+{
+	Relation	rel;
+
+	/* Readers wait from here to the commit: that is what a swap costs. */
+	LockRelationOid(t->relid, AccessExclusiveLock);
+	rel = table_open(t->relid, NoLock);
+	*new_heap = make_new_heap(t->relid, rel->rd_rel->reltablespace, rel->rd_rel->relam,
+							  rel->rd_rel->relpersistence, ExclusiveLock);
+	table_close(rel, NoLock);
+	return quote_qualified_identifier(t->schema, get_rel_name(*new_heap));
+}
+
+void
+CiflowSwapFinish(CiflowTarget *t, Oid new_heap)
+{
+	HeapTuple	tup;
+	Form_pg_class form;
+	TransactionId frozen_xid;
+	MultiXactId min_multi;
+
+	tup = SearchSysCache1(RELOID, ObjectIdGetDatum(new_heap));
+	if (!HeapTupleIsValid(tup))
+		elog(ERROR, "cache lookup failed for relation %u", new_heap);
+	form = (Form_pg_class) GETSTRUCT(tup);
+
+	/*
+	 * The new heap's rows were inserted by this transaction, younger than
+	 * the heap's own relfrozenxid: that is the horizon the swapped-in
+	 * contents need.
+	 */
+	frozen_xid = form->relfrozenxid;
+	min_multi = form->relminmxid;
+	ReleaseSysCache(tup);
+	finish_heap_swap(t->relid, new_heap, false, false, true, true,
+					 frozen_xid, min_multi, get_rel_persistence(t->relid));
 }
 
 void
 CiflowAnalyzeTarget(const CiflowTarget *t)
 {
 	SPI_connect();
-	ExecSql(psprintf("ANALYZE %s", CiflowTargetName(t->schema, t->table)));
+	CiflowExecSql(psprintf("ANALYZE %s", t->qualified));
 	SPI_finish();
 }
 
 void
 CiflowDropStaging(CiflowTarget *t)
 {
-	char	   *name;
-
 	if (!OidIsValid(t->staging_relid))
 		return;
-	name = get_rel_name(t->staging_relid);
-	if (name != NULL)
-	{
-		SPI_connect();
-		DropTableIfExists(t->schema, name);
-		SPI_finish();
-	}
+	SPI_connect();
+	if (get_rel_name(t->staging_relid) != NULL)
+		CiflowExecSql(psprintf("DROP TABLE IF EXISTS %s", t->staging));
+	SPI_finish();
 	t->staging_relid = InvalidOid;
 }

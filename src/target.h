@@ -1,56 +1,32 @@
 /*-------------------------------------------------------------------------
  *
  * target.h
- *	  The table a sync writes: its shape from the entity's metadata, the
- *	  staging heap that receives the pages, and the swap that publishes it.
+ *	  The table a sync writes: where it is and whether the caller may fill
+ *	  it, its columns, the staging heap that receives the pages, and the
+ *	  storage swap of publish => 'swap'.
  *
  *-------------------------------------------------------------------------
  */
 #ifndef CIFLOW_TARGET_H
 #define CIFLOW_TARGET_H
 
-#include "ciflow_json.h"
+#include "nodes/pg_list.h"
+#include "shape.h"
 
-#include "storage/lockdefs.h"
-#include "utils/rel.h"
-
-/* One column of the target, mapped from one attribute of the entity. */
-typedef struct CiflowColumn
-{
-	char	   *remote_name;	/* attribute name in the service's rows */
-	char	   *name;			/* column name (snake_case, unique) */
-	char	   *edm_type;		/* the service's dataType */
-	Oid			typid;
-	bool		is_key;
-} CiflowColumn;
-
-typedef struct CiflowShape
-{
-	char	   *entity;			/* qualifiedEntityName */
-	bool		is_system;		/* no dataSourceName: may be filtered/ordered */
-	int			ncolumns;
-	CiflowColumn *columns;
-	int			nkeys;
-	int		   *keys;			/* indexes into columns, key order */
-} CiflowShape;
+/* The staging heap's extra column: the order in which rows arrived. */
+#define CIFLOW_STAGE_SEQ "ciflow.seq"
 
 typedef struct CiflowTarget
 {
 	char	   *schema;
 	char	   *table;
+	char	   *qualified;		/* "schema.table", quoted as needed */
 	Oid			relid;			/* the target, once it exists */
-	Oid			staging_relid;	/* heap receiving the pages */
-	bool		is_new;			/* staging becomes the target at publish */
+	bool		is_new;			/* created by this run's publish */
+	Oid			staging_relid;	/* unlogged heap receiving the pages */
+	char	   *staging;		/* its qualified, quoted name */
 	bool		name_locked;	/* holds the run's lock on the name */
-	bool		rel_locked;		/* holds a session lock on relid */
-	LockRelId	lockrelid;
 } CiflowTarget;
-
-/* snake_case of a service name, as a valid identifier of < NAMEDATALEN bytes. */
-extern char *CiflowSnakeCase(const char *name);
-
-/* Builds the shape from E2 metadata; failmsg names connection and entity. */
-extern CiflowShape *CiflowShapeFromMetadata(json_t *entity, const char *failmsg);
 
 /*
  * Resolves the target the way CREATE TABLE would (NULL target: the
@@ -59,29 +35,71 @@ extern CiflowShape *CiflowShapeFromMetadata(json_t *entity, const char *failmsg)
 extern void CiflowResolveTarget(const char *connection, const char *entity,
 								const char *target, char **schema, char **table);
 
+/* "schema.table", quoted as needed. */
+extern char *CiflowTargetName(const char *schema, const char *table);
+
 /*
- * The run's session lock on the target's name; false if another sync holds
- * it.  CiflowUnlockTarget releases it and any session lock on the table.
+ * The run's session lock on the target's name (held across the run's
+ * transactions, released by CiflowUnlockTarget whatever happened); false
+ * if another sync holds it.
  */
 extern bool CiflowLockTargetName(CiflowTarget *target);
 extern void CiflowUnlockTarget(CiflowTarget *target);
 
 /*
- * In a transaction: creates the schema if needed, drops what a crashed run
- * left, checks (and extends) an existing target, and creates the staging heap.
+ * In a transaction, before anything is fetched: the target's rules (no
+ * system or ciflow schema), the caller's privileges (42501 with the GRANT
+ * to run), and adoption of a non-empty table that no run has filled.
+ * filled_before says whether a run into this target has succeeded.
+ */
+extern void CiflowCheckTarget(CiflowTarget *target, bool adopt, bool filled_before);
+
+/* In a transaction: drops staging heaps that dead runs recorded. */
+extern void CiflowSweepStaging(List *staging_relids);
+
+/*
+ * In a transaction, before any page: creates the schema if needed, adds
+ * columns for attributes the service added, refuses changed types, and
+ * creates the (unlogged) staging heap.
  */
 extern void CiflowPrepareTarget(CiflowTarget *target, const CiflowShape *shape);
 
-/* In a transaction: makes the staged contents the target's, atomically. */
-extern void CiflowPublishTarget(CiflowTarget *target, const CiflowShape *shape);
+/*
+ * Whether the target can still take the shape's rows: every column there
+ * with its mapped type, and no column of the user's own that an inserted
+ * row could not fill.  Raises the error otherwise.
+ */
+extern void CiflowCheckColumns(const CiflowTarget *target, const CiflowShape *shape);
+
+/*
+ * Columns of attributes the service no longer sends: not in the shape,
+ * commented by ciflow with their attribute's name, nullable.  A re-sync
+ * keeps them and fills them with NULL.
+ */
+extern List *CiflowRetiredColumns(const CiflowTarget *target, const CiflowShape *shape);
+
+/* In the publishing transaction: creates the new target (no key yet). */
+extern void CiflowCreateTarget(CiflowTarget *target, const CiflowShape *shape);
+
+/* ... and, once it is filled, its primary key. */
+extern void CiflowAddPrimaryKey(const CiflowTarget *target, const CiflowShape *shape);
+
+/*
+ * publish => 'swap': refuses (with a HINT) a target whose storage cannot
+ * be replaced without breaking something; then, under an exclusive lock,
+ * a new heap to fill (its quoted name) and the swap itself.
+ */
+extern void CiflowCheckSwap(const CiflowTarget *target);
+extern char *CiflowSwapBegin(CiflowTarget *target, Oid *new_heap);
+extern void CiflowSwapFinish(CiflowTarget *target, Oid new_heap);
 
 /* In a transaction of its own: fresh statistics for the planner. */
 extern void CiflowAnalyzeTarget(const CiflowTarget *target);
 
-/* In a transaction: drops the staging heap of a failed run, if any. */
+/* In a transaction: drops the run's staging heap, if any. */
 extern void CiflowDropStaging(CiflowTarget *target);
 
-/* "schema.table", quoted as needed. */
-extern char *CiflowTargetName(const char *schema, const char *table);
+/* Runs one statement of ciflow's own through SPI (connected by the caller). */
+extern uint64 CiflowExecSql(const char *sql);
 
 #endif							/* CIFLOW_TARGET_H */

@@ -1,6 +1,7 @@
 """Sync benchmark: ciflow.sync against two baselines measured in the same run.
 
     /usr/bin/python3 tests/bench_sync.py [--rows 20000,200000] [--page-size 1000]
+                                         [--resync-rows 200000] [--skip-throughput]
 
 For each entity size it prints:
 
@@ -12,6 +13,13 @@ For each entity size it prints:
 - ratios against both baselines, and the sync worker's peak private memory
   (RssAnon) while it reads pages, which must not grow with the entity's size,
   and while it publishes (the key index build, bounded by maintenance_work_mem).
+
+Then, for one entity of --resync-rows rows, what a re-sync costs (time of
+the whole call and of its publish, and WAL bytes from pg_current_wal_lsn()
+around the call) against the first sync
+of the same rows and against publish => 'swap', all measured in this run:
+the first sync; re-syncs with 0 %, 1 % and 100 % of the rows changed
+(publish => 'diff', the default); swaps with 0 % and 100 % changed.
 
 It asserts nothing: a timing is a measurement, not a test.  Run it as root
 (the cluster runs as postgres) after `make install`.
@@ -82,6 +90,7 @@ class WorkerMemory(threading.Thread):
         super().__init__(daemon=True)
         self.conn = pg.connect()
         self.peak_kb = {}
+        self.first_seen = {}     # phase -> perf_counter() when first sampled
         self.done = threading.Event()
 
     def run(self):
@@ -97,6 +106,7 @@ class WorkerMemory(threading.Thread):
                     except (OSError, StopIteration):
                         continue
                     phase = (phase or "").replace("ciflow sync: ", "")
+                    self.first_seen.setdefault(phase, time.perf_counter())
                     self.peak_kb[phase] = max(self.peak_kb.get(phase, 0), kb)
                 time.sleep(0.02)
         self.conn.close()
@@ -112,11 +122,93 @@ def sync_seconds(pg, memory):
     return elapsed, rows[0]
 
 
+def measured_sync(pg, entity, publish="diff"):
+    """(seconds, publish seconds, WAL bytes, (inserted, updated, deleted)) of one sync.
+
+    The publish is timed from the worker's phases as pg_stat_activity shows
+    them (sampled every 20 ms): from "publishing" to "analyzing" or the end.
+    """
+    phases = WorkerMemory(pg)
+    lsn = pg.sql("SELECT pg_current_wal_lsn()")[0][0]
+    phases.start()
+    start = time.perf_counter()
+    counts = pg.sql(f"SELECT inserted, updated, deleted FROM ciflow.sync('emu', '{entity}',"
+                    f" publish => '{publish}')")[0]
+    end = time.perf_counter()
+    phases.done.set()
+    phases.join()
+    wal = pg.sql("SELECT pg_current_wal_lsn() - %s::pg_lsn", (lsn,))[0][0]
+    published = phases.first_seen.get("publishing", end)
+    return end - start, phases.first_seen.get("analyzing", end) - published, int(wal), counts
+
+
+def generated(rows, seed=7):
+    return {"generate": {"schema": "customer", "rows": rows, "seed": seed}}
+
+
+def changed_rows(emu, entity, offset, count, delta):
+    """Rows offset.. of the entity, each with LoyaltyPoints moved by delta."""
+    out = []
+    while len(out) < count:
+        page = emu.control("GET", f"entities/{entity}/rows?offset={offset + len(out)}"
+                                  f"&limit={min(5000, count - len(out))}")
+        out.extend(dict(r, LoyaltyPoints=(r["LoyaltyPoints"] or 0) + delta) for r in page["rows"])
+    return out
+
+
+def set_rows(emu, entity, first, literal):
+    """The entity's rows: `first` (a generator spec or None), then literal rows."""
+    mode = "replace"
+    if first is not None:
+        emu.control("POST", f"entities/{entity}/rows", dict(first, mode=mode))
+        mode = "append"
+    for i in range(0, len(literal), 20000):
+        emu.control("POST", f"entities/{entity}/rows", {"mode": mode,
+                                                         "rows": literal[i:i + 20000]})
+        mode = "append"
+
+
+def resync_table(emu, pg, rows):
+    """Re-syncs of `rows` rows: 0 %, 1 %, 100 % changed, diff against swap."""
+    entity = "Resync"
+    emu.set_entity(entity, {"entityType": "profile"}, **generated(rows))
+    emu.control("POST", f"entities/{entity}/rows", dict(generated(rows), mode="replace"))
+    all_changed = changed_rows(emu, entity, 0, rows, 2)
+    one_pct = rows // 100
+    steps = [
+        ("first sync", None, "diff"),
+        ("diff, 0 % changed", None, "diff"),
+        ("swap, 0 % changed", None, "swap"),
+        ("diff, 1 % changed", lambda: set_rows(emu, entity, generated(rows - one_pct),
+                                               changed_rows(emu, entity, rows - one_pct,
+                                                            one_pct, 1)), "diff"),
+        ("diff, 100 % changed", lambda: set_rows(emu, entity, None, all_changed), "diff"),
+        ("swap, 100 % changed", lambda: set_rows(emu, entity, generated(rows), []), "swap"),
+    ]
+    print(f"\nre-sync of {rows} rows (publish time and WAL against the first sync of the"
+          f" same rows; sync s includes the pull, which the emulator serves more slowly"
+          f" for rows set through its control interface than for generated ones)")
+    print(f"{'step':<22} {'ins/upd/del':>22} {'sync s':>8} {'publish s':>9} {'WAL MB':>9} "
+          f"{'publish ratio':>13} {'WAL ratio':>10}")
+    base = None
+    for name, change, publish in steps:
+        if change:
+            change()
+        seconds, publish_s, wal, counts = measured_sync(pg, entity, publish)
+        base = base or (publish_s, wal)
+        print(f"{name:<22} {'/'.join(map(str, counts)):>22} {seconds:>8.2f} {publish_s:>9.2f} "
+              f"{wal / 1e6:>9.2f} {publish_s / base[0]:>13.2f} {wal / base[1]:>10.4f}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", default="20000,200000",
                         help="comma-separated entity sizes (default 20000,200000)")
     parser.add_argument("--page-size", type=int, default=1000)
+    parser.add_argument("--resync-rows", type=int, default=200000,
+                        help="entity size of the re-sync measurements (0: none)")
+    parser.add_argument("--skip-throughput", action="store_true",
+                        help="only the re-sync measurements")
     args = parser.parse_args()
     sizes = [int(n) for n in args.rows.split(",")]
 
@@ -133,7 +225,7 @@ def main():
             " max_calls => 6000, per_interval => '1 second')",
             (emu.base_url, INSTANCE_ID, emu.token_url, CLIENT_ID, CLIENT_SECRET, SUB_KEY,
              args.page_size))
-        for rows in sizes:
+        for rows in [] if args.skip_throughput else sizes:
             emu.control("POST", "entities/Customer/rows",
                         {"mode": "replace",
                          "generate": {"schema": "customer", "rows": rows, "seed": 7}})
@@ -147,6 +239,8 @@ def main():
                   f"{sync / transfer:>13.2f} {sync / (transfer + copy):>20.2f} "
                   f"{memory.peak_kb.get('reading pages', 0):>17} "
                   f"{memory.peak_kb.get('publishing', 0):>14}")
+        if args.resync_rows:
+            resync_table(emu, pg, args.resync_rows)
 
 
 if __name__ == "__main__":

@@ -101,10 +101,8 @@ def test_sync_unknown_entity(ciflow_db, ci_connection):
 
 
 def test_sync_modes(ciflow_db, ci_connection):
-    # interfaces.md: incremental is not built yet in this issue.
-    with raises_sqlstate("0A000") as err:
-        sync(ciflow_db, "emu", ENTITY, mode="incremental")
-    assert_names(err, "emu", ENTITY)
+    # Issue 7: incremental exists now (tests in test_resync_incremental.py).
+    assert sync(ciflow_db, "emu", ENTITY, mode="incremental")["status"] == "succeeded"
     with raises_sqlstate("22023") as err:
         sync(ciflow_db, "emu", ENTITY, mode="sideways")
     assert_names(err, "emu", ENTITY)

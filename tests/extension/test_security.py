@@ -512,7 +512,8 @@ def test_readme_grants_are_enough_to_sync(ciflow_db, ci_connection, emulator, pg
         with raises_sqlstate("42501") as e:
             as_role(ciflow_db, role, "SELECT * FROM ciflow.sync('emu', 'Customer',"
                                      " target => 'other.customer')")
-        assert "database" in (e.message or "") + (e.detail or "")
+        assert "lacks CREATE on DATABASE" in e.detail, e
+        assert e.hint.startswith("GRANT CREATE ON DATABASE"), e
     finally:
         pg_cluster.sql(f"DROP OWNED BY {role} CASCADE", dbname=ciflow_db.name)
         pg_cluster.sql(f"DROP ROLE {role}")
