@@ -72,8 +72,8 @@ static CiflowCatalogStatement read_run = {
 static CiflowCatalogStatement trim_batch = {
 	.sql = "DELETE FROM ciflow.events WHERE id OPERATOR(pg_catalog.=) ANY (ARRAY("
 	" SELECT id FROM ciflow.events"
-	" WHERE created_at OPERATOR(pg_catalog.<) pg_catalog.clock_timestamp()"
-	" OPERATOR(pg_catalog.-) pg_catalog.make_interval(secs => $1)"
+	" WHERE created_at OPERATOR(pg_catalog.<) (pg_catalog.clock_timestamp()"
+	" OPERATOR(pg_catalog.-) pg_catalog.make_interval(secs => $1))"
 	" ORDER BY created_at LIMIT $2))",
 	.nargs = 2,
 	.types = {FLOAT8OID, INT4OID}
@@ -86,8 +86,8 @@ static CiflowCatalogStatement trim_batch = {
  */
 static CiflowCatalogStatement trim_jobs = {
 	.sql = "DELETE FROM ciflow.refresh_states WHERE kind OPERATOR(pg_catalog.=) 'job'"
-	" AND observed_at OPERATOR(pg_catalog.<) pg_catalog.clock_timestamp()"
-	" OPERATOR(pg_catalog.-) interval '30 days'",
+	" AND observed_at OPERATOR(pg_catalog.<) (pg_catalog.clock_timestamp()"
+	" OPERATOR(pg_catalog.-) '30 days'::pg_catalog.interval)",
 	.nargs = 0
 };
 
