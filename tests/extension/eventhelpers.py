@@ -6,6 +6,8 @@ import select
 import threading
 import time
 
+import pytest
+
 from extension.cihelpers import api_requests, dict_rows, last_seq
 
 RETAIL_POS = "d8d3b26a-0000-4000-8000-000000000001"
@@ -46,6 +48,22 @@ class Listener:
 
     def close(self):
         self.conn.close()
+
+
+@pytest.fixture
+def listener(ciflow_db):
+    """A Listener on the test module's database, closed after the test."""
+    lst = Listener(ciflow_db)
+    yield lst
+    lst.close()
+
+
+@pytest.fixture
+def clean(ciflow_db, ci_connection):
+    """The connection 'emu' with an empty event log."""
+    ciflow_db.sql("DELETE FROM ciflow.events")
+    yield ci_connection
+    ciflow_db.sql("DELETE FROM ciflow.events")
 
 
 def poll(db, conn=None):

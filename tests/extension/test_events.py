@@ -11,23 +11,9 @@ import psycopg2
 import pytest
 
 from extension.cihelpers import dict_rows, raises_sqlstate, session, sync
-from extension.eventhelpers import (RETAIL_POS, WEB_EVENTS, Background, Listener, assert_notified,
+from extension.eventhelpers import (RETAIL_POS, WEB_EVENTS, Background, assert_notified,
                                     events, finish_job, new_job, poll, set_datasource, state)
-
-
-@pytest.fixture
-def listener(ciflow_db):
-    lst = Listener(ciflow_db)
-    yield lst
-    lst.close()
-
-
-@pytest.fixture
-def clean(ciflow_db, ci_connection):
-    """The connection 'emu' with an empty event log."""
-    ciflow_db.sql("DELETE FROM ciflow.events")
-    yield ci_connection
-    ciflow_db.sql("DELETE FROM ciflow.events")
+from extension.eventhelpers import clean, listener  # noqa: F401 - fixtures
 
 
 def test_first_poll_is_a_baseline_and_repeats_fire_nothing(ciflow_db, clean, listener):

@@ -9,23 +9,10 @@ from decimal import Decimal
 import pytest
 
 from extension.cihelpers import dict_rows, raises_sqlstate
-from extension.eventhelpers import (RETAIL_POS, Listener, api_calls_of, assert_notified, events,
-                                    poll, set_datasource, set_measure, set_segment, new_job,
-                                    finish_job)
-
-
-@pytest.fixture
-def listener(ciflow_db):
-    lst = Listener(ciflow_db)
-    yield lst
-    lst.close()
-
-
-@pytest.fixture
-def clean(ciflow_db, ci_connection):
-    ciflow_db.sql("DELETE FROM ciflow.events")
-    yield ci_connection
-    ciflow_db.sql("DELETE FROM ciflow.events")
+from extension.eventhelpers import (RETAIL_POS, api_calls_of, assert_notified, events,
+                                    finish_job, new_job, poll, set_datasource, set_measure,
+                                    set_segment)
+from extension.eventhelpers import clean, listener  # noqa: F401 - fixtures
 
 
 def add(db, kind, name, above, value_key=None):
