@@ -370,3 +370,15 @@ def test_privileges(ciflow_db, pg_cluster, clean, emulator):
         ciflow_db.sql("REVOKE ALL ON FUNCTION ciflow.poll(text) FROM ev_reader")
         ciflow_db.sql("SELECT ciflow.revoke_connection('emu', 'ev_reader')")
         pg_cluster.sql("DROP ROLE IF EXISTS ev_reader")
+
+
+def test_a_server_restart_fires_no_duplicate(private_ciflow, emulator):
+    pg = private_ciflow
+    assert [r[0] for r in pg.sql("SELECT kind FROM ciflow.events")] == ["sync_succeeded"]
+    assert pg.sql("SELECT count(*) FROM ciflow.poll('emu')") == [(0,)]
+    set_datasource(emulator, "RetailPos", refreshState="updateFailed", lastRefresh="now")
+    assert pg.sql("SELECT kind FROM ciflow.poll('emu')") == [("datasource_refresh_failed",)]
+    pg.restart()
+    assert pg.sql("SELECT count(*) FROM ciflow.poll('emu')") == [(0,)]
+    assert pg.sql("SELECT kind FROM ciflow.events ORDER BY id") == [
+        ("sync_succeeded",), ("datasource_refresh_failed",)]
