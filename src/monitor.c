@@ -6,8 +6,9 @@
  *	  state transitions (customer-insights-api.md, part B).
  *
  *	  A pass makes a fixed number of calls whatever the number of subjects:
- *	  data sources (E6), jobs with tasks (E7), and segments (E8) and
- *	  measures (E9) only when thresholds need them.  All calls come first,
+ *	  data sources (E6), jobs with tasks (E7), the workflow status (E7)
+ *	  only when the jobs carry no tasks, and segments (E8) and measures
+ *	  (E9) only when thresholds need them.  All calls come first,
  *	  through the one request path; a failed call raises before anything is
  *	  written.  Then, under a transaction-level advisory lock on the
  *	  connection (a concurrent pass waits, then compares with what the
@@ -606,6 +607,33 @@ FireFullRefresh(Pass *pass, const Job *job)
 }
 
 /*
+ * The payload of unification_refresh_completed; steps holds the map, match
+ * and merge statuses (NULL when absent).
+ */
+static void
+AddUnificationFields(CiflowEvent *ev, const char *operation, const char *status,
+					 char *const steps[3], const char *submission_kind, const char *ended)
+{
+	StringInfoData buf;
+	int			s;
+
+	/* Statuses are the service's words: short in any sane answer, cut anyway. */
+	initStringInfo(&buf);
+	appendStringInfoChar(&buf, '{');
+	for (s = 0; s < 3; s++)
+	{
+		appendStringInfo(&buf, "%s\"%s\":", s ? "," : "", unification_steps[s]);
+		(void) CiflowAppendJsonString(&buf, steps[s], 64);
+	}
+	appendStringInfoChar(&buf, '}');
+	CiflowEventAdd(ev, "operation_type", CIFLOW_FIELD_STRING, operation);
+	CiflowEventAdd(ev, "status", CIFLOW_FIELD_STRING, status);
+	CiflowEventAdd(ev, "steps", CIFLOW_FIELD_JSON, buf.data);
+	CiflowEventAdd(ev, "submission_kind", CIFLOW_FIELD_STRING, submission_kind);
+	CiflowEventAdd(ev, "ended", CIFLOW_FIELD_STRING, ended);
+}
+
+/*
  * B.2: the merge task's status once it is final; else (the chain stopped
  * early) the first step that did not succeed, in the order map, match;
  * else the job's.
@@ -617,7 +645,7 @@ FireUnification(Pass *pass, const Job *job)
 	const char *kind = "unification_refresh_completed";
 	const char *status = NULL;
 	const char *ended = job->ended.text;
-	StringInfoData steps;
+	char	   *step_status[3];
 	int			s;
 
 	if (TaskTerminal(job->steps[2]))
@@ -631,23 +659,12 @@ FireUnification(Pass *pass, const Job *job)
 	if (status == NULL)
 		status = job->status;
 
-	/* Statuses are the service's words: short in any sane answer, cut anyway. */
-	initStringInfo(&steps);
-	appendStringInfoChar(&steps, '{');
 	for (s = 0; s < 3; s++)
-	{
-		appendStringInfo(&steps, "%s\"%s\":", s ? "," : "", unification_steps[s]);
-		(void) CiflowAppendJsonString(&steps, job->steps[s] ? TaskStatus(job->steps[s]) : NULL, 64);
-	}
-	appendStringInfoChar(&steps, '}');
+		step_status[s] = job->steps[s] ? TaskStatus(job->steps[s]) : NULL;
 
 	CiflowEventInit(&ev, pass->conn->name, kind, job->id,
 					psprintf("%s:%s:%s", kind, pass->conn->name, job->id));
-	CiflowEventAdd(&ev, "operation_type", CIFLOW_FIELD_STRING, job->operation);
-	CiflowEventAdd(&ev, "status", CIFLOW_FIELD_STRING, status);
-	CiflowEventAdd(&ev, "steps", CIFLOW_FIELD_JSON, steps.data);
-	CiflowEventAdd(&ev, "submission_kind", CIFLOW_FIELD_STRING, job->submission_kind);
-	CiflowEventAdd(&ev, "ended", CIFLOW_FIELD_STRING, ended);
+	AddUnificationFields(&ev, job->operation, status, step_status, job->submission_kind, ended);
 	Record(pass, &ev);
 }
 
@@ -753,6 +770,68 @@ ApplyJobs(Pass *pass, json_t *list)
 				(errmsg("connection \"%s\": all %d jobs listed are new; some may have ended unseen",
 						pass->conn->name, fresh),
 				 errhint("Poll more often.")));
+}
+
+/*
+ * B.2's fallback, for a service whose jobs never carry tasks: the merge
+ * node of .../status, whose endTimestamp changes with a final taskStatus
+ * at the end of each unification.
+ */
+static bool
+JobsLackTasks(json_t *jobs)
+{
+	size_t		i;
+
+	for (i = 0; i < json_array_size(jobs); i++)
+		if (json_is_array(Member(json_array_get(jobs, i), "tasks")))
+			return false;
+	return json_array_size(jobs) > 0;
+}
+
+static void
+ApplyStatusNodes(Pass *pass, json_t *nodes)
+{
+	char	   *steps[3] = {NULL, NULL, NULL};
+	json_t	   *merge = NULL;
+	size_t		i;
+	int			s;
+	const char *identifier;
+	RemoteTime	ended;
+	StoredState st;
+
+	for (i = 0; i < json_array_size(nodes); i++)
+	{
+		json_t	   *node = json_array_get(nodes, i);
+
+		for (s = 0; s < 3; s++)
+			if (StrEqualCI(CiflowJsonString(node, "operationType"), unification_steps[s]) &&
+				steps[s] == NULL)
+			{
+				steps[s] = TaskStatus(node);
+				if (s == 2)
+					merge = node;
+			}
+	}
+	identifier = CiflowJsonString(merge, "identifier");
+	if (identifier == NULL)
+		return;
+	ended = ParseRemoteTime(CiflowJsonString(merge, "endTimestamp"));
+	st = ReadState(pass, "status", identifier);
+	if (IsStale(&st, &ended))
+		return;
+	if (st.found && ended.valid && (!st.remote_valid || ended.value != st.remote_at) &&
+		TaskTerminal(merge))
+	{
+		const char *kind = "unification_refresh_completed";
+		CiflowEvent ev;
+
+		CiflowEventInit(&ev, pass->conn->name, kind, identifier,
+						psprintf("%s:%s:status:%s:%s", kind, pass->conn->name, identifier,
+								 TimeKey(&ended)));
+		AddUnificationFields(&ev, "merge", steps[2], steps, NULL, ended.text);
+		Record(pass, &ev);
+	}
+	WriteState(pass, "status", identifier, "merge", steps[2], NULL, &ended, NULL);
 }
 
 /* ---------- segments (E8) and measures (E9) ---------- */
@@ -1024,6 +1103,7 @@ CiflowMonitorPass(const char *connection, TupleDesc *desc)
 	List	   *thresholds;
 	json_t	   *datasources;
 	json_t	   *jobs;
+	json_t	   *status = NULL;
 	json_t	   *segments = NULL;
 	json_t	   *measures = NULL;
 	Datum		name;
@@ -1039,6 +1119,8 @@ CiflowMonitorPass(const char *connection, TupleDesc *desc)
 	datasources = Fetch(pass.conn, "manage/datasources", pass.failmsg);
 	jobs = Fetch(pass.conn, psprintf("workflows/main/jobs?includeTasks=true&top=%d", JOB_WINDOW),
 				 pass.failmsg);
+	if (JobsLackTasks(jobs))
+		status = Fetch(pass.conn, "workflows/main/status", pass.failmsg);
 	if (NeedsKind(thresholds, "segment"))
 		segments = Fetch(pass.conn, "manage/segments", pass.failmsg);
 	if (NeedsKind(thresholds, "measure"))
@@ -1056,6 +1138,8 @@ CiflowMonitorPass(const char *connection, TupleDesc *desc)
 	for (i = 0; i < json_array_size(datasources); i++)
 		ApplyDataSource(&pass, json_array_get(datasources, i));
 	ApplyJobs(&pass, jobs);
+	if (status)
+		ApplyStatusNodes(&pass, status);
 	for (i = 0; i < json_array_size(segments); i++)
 		ApplySegment(&pass, json_array_get(segments, i), thresholds);
 	for (i = 0; i < json_array_size(measures); i++)

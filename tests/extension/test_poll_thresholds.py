@@ -187,3 +187,24 @@ def test_a_pass_whose_third_call_fails_records_nothing(ciflow_db, clean, emulato
                           ("segment_threshold_exceeded", "HighValue")]
     assert_notified(listener, new)
     assert poll(ciflow_db) == []
+
+
+def test_status_fallback_when_jobs_carry_no_tasks(ciflow_db, clean, emulator, listener):
+    """B.2's fallback: jobs without tasks make the pass read .../status (its
+    fifth call at most) and report a unification from the merge node."""
+    no_tasks = ('[{"jobId":"job-without-tasks","jobType":"full","jobSubmissionKind":"scheduled",'
+                '"jobStatus":"running","operationType":"all",'
+                '"submittedTimestamp":"2025-03-02T00:00:00.0000000Z","endTimestamp":null}]')
+    emulator.add_fault({"method": "GET", "path": "/workflows/main/jobs$"},
+                       {"status": 200, "body": "raw", "message": no_tasks})
+    calls = api_calls_of(emulator, lambda: poll(ciflow_db))
+    assert [c["path"].rsplit("/", 1)[-1] for c in calls] == ["datasources", "jobs", "status"]
+    job = new_job(emulator, operationType="all", submissionKind="scheduled")
+    done = finish_job(emulator, job)
+    merge = [t for t in done["tasks"] if t["operationType"] == "merge"][0]
+    new = [e for e in poll(ciflow_db) if e["kind"] == "unification_refresh_completed"]
+    assert [(e["subject"], e["payload"]) for e in new] == [
+        ("Merge", {"operation_type": "merge", "status": "successful",
+                   "steps": {"map": "successful", "match": "successful", "merge": "successful"},
+                   "submission_kind": None, "ended": merge["endTimestamp"]})]
+    assert poll(ciflow_db) == []
