@@ -19,7 +19,9 @@ OBJS = \
 	src/apply.o \
 	src/runs.o \
 	src/sync.o \
-	src/syncworker.o
+	src/syncworker.o \
+	src/events.o \
+	src/monitor.o
 
 EXTENSION = ciflow
 DATA = sql/ciflow--0.1.sql sql/ciflow--0.1--0.2.sql sql/ciflow--0.2.sql

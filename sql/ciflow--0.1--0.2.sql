@@ -194,3 +194,182 @@ BEGIN
 END
 $$;
 DROP TABLE ciflow_sync_grants;
+
+/*
+ * ---- Events (issue 8): refresh states, thresholds, the event log ----
+ * This block ends both ciflow--0.2.sql and ciflow--0.1--0.2.sql, verbatim.
+ * src/monitor.c (poll passes) and src/events.c (the log, NOTIFY, trim) own
+ * the behaviour; every write comes from ciflow's C code as the table owner.
+ */
+
+/* Whether a role may use a connection: its owner or a grantee (or a member). */
+CREATE FUNCTION ciflow.connection_usable_by(connection text, role name)
+RETURNS boolean
+LANGUAGE sql STABLE STRICT SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT EXISTS (SELECT 1 FROM ciflow.connection_settings c
+                    WHERE c.name OPERATOR(pg_catalog.=) $1
+                      AND pg_catalog.pg_has_role($2, c.owner::pg_catalog.oid, 'USAGE'))
+        OR EXISTS (SELECT 1 FROM ciflow.connection_grants g
+                    WHERE g.connection OPERATOR(pg_catalog.=) $1
+                      AND pg_catalog.pg_has_role($2, g.grantee::pg_catalog.oid, 'USAGE'))
+$$;
+
+CREATE TABLE ciflow.thresholds (
+    id                bigserial PRIMARY KEY,
+    connection        text NOT NULL
+                      REFERENCES ciflow.connection_settings (name) ON DELETE CASCADE,
+    kind              text NOT NULL CHECK (kind IN ('segment', 'measure')),
+    subject           text NOT NULL,
+    above             numeric NOT NULL,
+    value_key         text,
+    enabled           boolean NOT NULL DEFAULT true,
+    last_value        numeric,
+    last_evaluated_at timestamptz,
+    created_by        name NOT NULL DEFAULT current_user,
+    created_at        timestamptz NOT NULL DEFAULT now(),
+    CHECK (kind = 'measure' OR value_key IS NULL)
+);
+CREATE INDEX thresholds_connection ON ciflow.thresholds (connection);
+
+CREATE TABLE ciflow.refresh_states (
+    connection   text NOT NULL
+                 REFERENCES ciflow.connection_settings (name) ON DELETE CASCADE,
+    kind         text NOT NULL
+                 CHECK (kind IN ('datasource', 'job', 'segment', 'measure', 'job_baseline', 'status')),
+    subject      text NOT NULL,
+    name         text,
+    state        text,
+    value        numeric,
+    remote_at    timestamptz,
+    observed_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
+    details      jsonb NOT NULL DEFAULT '{}',
+    PRIMARY KEY (connection, kind, subject)
+);
+
+CREATE TABLE ciflow.events (
+    id          bigserial PRIMARY KEY,
+    connection  text NOT NULL,
+    kind        text NOT NULL CHECK (kind IN (
+                    'datasource_refresh_failed', 'datasource_refresh_succeeded',
+                    'segment_threshold_exceeded', 'measure_threshold_exceeded',
+                    'full_refresh_completed', 'unification_refresh_completed',
+                    'sync_succeeded', 'sync_failed')),
+    subject     text NOT NULL,
+    payload     jsonb NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
+    dedupe_key  text NOT NULL
+);
+CREATE UNIQUE INDEX events_dedupe_key ON ciflow.events (dedupe_key);
+CREATE INDEX events_created_at ON ciflow.events (created_at);
+CREATE INDEX events_connection_kind ON ciflow.events (connection, kind, id);
+
+SELECT pg_catalog.pg_extension_config_dump('ciflow.thresholds', '');
+SELECT pg_catalog.pg_extension_config_dump('ciflow.thresholds_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('ciflow.refresh_states', '');
+SELECT pg_catalog.pg_extension_config_dump('ciflow.events', '');
+SELECT pg_catalog.pg_extension_config_dump('ciflow.events_id_seq', '');
+
+/*
+ * A role sees the states, thresholds and events of the connections it may
+ * use; the end of a sync only if it ran the sync or owns the connection
+ * (as in sync_runs).  Nothing is granted: an administrator grants SELECT.
+ */
+ALTER TABLE ciflow.thresholds ENABLE ROW LEVEL SECURITY;
+CREATE POLICY thresholds_visible ON ciflow.thresholds FOR SELECT
+    USING (ciflow.connection_usable_by(connection, current_user));
+ALTER TABLE ciflow.refresh_states ENABLE ROW LEVEL SECURITY;
+CREATE POLICY refresh_states_visible ON ciflow.refresh_states FOR SELECT
+    USING (ciflow.connection_usable_by(connection, current_user));
+ALTER TABLE ciflow.events ENABLE ROW LEVEL SECURITY;
+CREATE POLICY events_visible ON ciflow.events FOR SELECT
+    USING (ciflow.connection_usable_by(connection, current_user)
+           AND (kind OPERATOR(pg_catalog.<>) ALL (ARRAY['sync_succeeded', 'sync_failed'])
+                OR (payload OPERATOR(pg_catalog.->>) 'run_by') OPERATOR(pg_catalog.=) current_user
+                OR ciflow.connection_owned_by(connection, current_user)));
+
+CREATE FUNCTION ciflow.poll(connection text)
+RETURNS SETOF ciflow.events
+LANGUAGE C STRICT VOLATILE
+AS 'MODULE_PATHNAME', 'ciflow_poll';
+
+CREATE FUNCTION ciflow.add_threshold(
+    connection text,
+    kind       text,
+    name       text,
+    above      numeric,
+    value_key  text DEFAULT NULL)
+RETURNS bigint
+LANGUAGE C CALLED ON NULL INPUT VOLATILE
+AS 'MODULE_PATHNAME', 'ciflow_add_threshold';
+
+CREATE FUNCTION ciflow.drop_threshold(id bigint)
+RETURNS void
+LANGUAGE C STRICT VOLATILE
+AS 'MODULE_PATHNAME', 'ciflow_drop_threshold';
+
+CREATE FUNCTION ciflow.trim_events()
+RETURNS bigint
+LANGUAGE C STRICT VOLATILE
+AS 'MODULE_PATHNAME', 'ciflow_trim_events';
+
+REVOKE ALL ON ciflow.thresholds, ciflow.refresh_states, ciflow.events FROM PUBLIC;
+REVOKE ALL ON SEQUENCE ciflow.thresholds_id_seq, ciflow.events_id_seq FROM PUBLIC;
+REVOKE ALL ON FUNCTION ciflow.poll(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION ciflow.add_threshold(text, text, text, numeric, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION ciflow.drop_threshold(bigint) FROM PUBLIC;
+REVOKE ALL ON FUNCTION ciflow.trim_events() FROM PUBLIC;
+-- The policies call it as whoever reads the tables.
+REVOKE ALL ON FUNCTION ciflow.connection_usable_by(text, name) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION ciflow.connection_usable_by(text, name) TO PUBLIC;
+
+/* Every object of ciflow explains itself in \d+ and \df+. */
+COMMENT ON TABLE ciflow.connection_settings IS
+    'Connections to Customer Insights (or Dataverse, OData): everything but the secrets. Written by ciflow.create_connection and ciflow.alter_connection.';
+COMMENT ON TABLE ciflow.connection_secrets IS
+    'Secrets of each connection, read only by ciflow''s C code; row-level security without a policy hides them from everyone but superusers.';
+COMMENT ON TABLE ciflow.connection_grants IS
+    'Roles allowed to use a connection besides its owner (ciflow.grant_connection, ciflow.revoke_connection).';
+COMMENT ON VIEW ciflow.connections IS
+    'The connections the current role may use, with whether each secret is set (never the secrets).';
+COMMENT ON FUNCTION ciflow.create_connection(text, text, text, text, text, text, text, text, text, text, integer, interval, integer, text) IS
+    'Creates a connection owned by the current role; secrets are stored apart and never shown.';
+COMMENT ON FUNCTION ciflow.alter_connection(text, text, text, text, text, text, text, text, text, text, integer, interval, integer, text) IS
+    'Changes the given settings of a connection; secrets not given again do not follow a change of host.';
+COMMENT ON FUNCTION ciflow.drop_connection(text, boolean) IS
+    'Drops a connection with its secrets, grants, thresholds and refresh states.';
+COMMENT ON FUNCTION ciflow.grant_connection(text, regrole) IS
+    'Lets a role (and its members) use a connection.';
+COMMENT ON FUNCTION ciflow.revoke_connection(text, regrole) IS
+    'Takes back ciflow.grant_connection.';
+COMMENT ON FUNCTION ciflow.get_entities(text) IS
+    'Action: the entities of the connection''s instance (one call to the service).';
+COMMENT ON FUNCTION ciflow.get_items(text, text, text, text, text, integer, integer, text, text) IS
+    'Action: rows of an entity as jsonb, with OData $filter, $select, $orderby, $top, $skip, $search and $expand (one call).';
+COMMENT ON FUNCTION ciflow.get_item(text, text, text, text) IS
+    'Action: one row of an entity by key as jsonb, or NULL (one call).';
+COMMENT ON TABLE ciflow.sync_runs IS
+    'One row per ciflow.sync: status, counters, error and watermark; a role sees its own runs, a connection''s owner all of them.';
+COMMENT ON FUNCTION ciflow.connection_owned_by(text, name) IS
+    'Whether a role owns (or is a member of the owner of) a connection; used by row-level security policies.';
+COMMENT ON VIEW ciflow.sync_progress IS
+    'Runs in progress: pages, rows, calls, and whether the run waits for a call slot or a retry.';
+COMMENT ON FUNCTION ciflow.sync(text, text, text, text, text, text, text, boolean) IS
+    'Copies an entity into a table (full or incremental), in a worker of its own; returns the run. Its end is an event (sync_succeeded, sync_failed).';
+COMMENT ON FUNCTION ciflow.connection_usable_by(text, name) IS
+    'Whether a role may use a connection (owner or grantee, or a member of either); used by row-level security policies.';
+COMMENT ON TABLE ciflow.thresholds IS
+    'Segment and measure thresholds: an event fires when an accepted value goes from <= above to > above. last_value is the last accepted value (the baseline when the threshold is added).';
+COMMENT ON TABLE ciflow.refresh_states IS
+    'The latest known state per connection, kind (datasource, job, segment, measure, job_baseline) and subject: remote_at is the service''s timestamp, observed_at the last time a poll saw it.';
+COMMENT ON TABLE ciflow.events IS
+    'The durable event log: one row per remote transition (or end of a sync), unique by dedupe_key, with the whole payload. Rows older than ciflow.event_retention are removed by ciflow.trim_events.';
+COMMENT ON FUNCTION ciflow.poll(text) IS
+    'One monitoring pass of a connection (at most five calls): records states, fires new events (NOTIFY ciflow_events and ciflow_<kind> at commit) and returns them.';
+COMMENT ON FUNCTION ciflow.add_threshold(text, text, text, numeric, text) IS
+    'Watches a segment''s member count or a scalar measure''s value; returns the threshold''s id. The current value is the baseline.';
+COMMENT ON FUNCTION ciflow.drop_threshold(bigint) IS
+    'Stops watching a threshold.';
+COMMENT ON FUNCTION ciflow.trim_events() IS
+    'Deletes events older than ciflow.event_retention (and job states unseen for 30 days) in batches; returns the number of events deleted.';

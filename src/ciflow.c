@@ -90,6 +90,14 @@ _PG_init(void)
 							PGC_USERSET, 0,
 							NULL, NULL, NULL);
 
+	DefineCustomIntVariable("ciflow.event_retention",
+							"How long rows of ciflow.events are kept.",
+							"ciflow.trim_events() deletes older ones.  Superusers only: the log is shared by every role.",
+							&ciflow_settings.event_retention_s,
+							30 * 24 * 3600, 1, INT_MAX,
+							PGC_SUSET, GUC_UNIT_S,
+							NULL, NULL, NULL);
+
 	MarkGUCPrefixReserved("ciflow");
 
 	CiflowJsonUsepalloc();

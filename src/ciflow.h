@@ -25,6 +25,7 @@ typedef struct CiflowSettings
 	int			retry_base_delay_ms;
 	int			max_retry_after_s;
 	int			max_pages;
+	int			event_retention_s;	/* ciflow.events rows older than this go */
 } CiflowSettings;
 
 extern CiflowSettings ciflow_settings;

@@ -23,6 +23,7 @@
 
 #include "catalog.h"
 #include "ciflow.h"
+#include "events.h"
 #include "runs.h"
 
 static CiflowCatalogStatement insert_run = {
@@ -146,6 +147,7 @@ CiflowRunFinish(CiflowRunState *run, bool succeeded, const char *error)
 	nulls[12] = (succeeded && run->watermark) ? ' ' : 'n';
 	if (CiflowCatalogExecute(&finish_run, values, nulls, &tup, &desc) == 1)
 		run->finished_at = DatumGetTimestampTz(Returned(tup, desc, 1));
+	CiflowEventRecordSyncEnd(run->run_id);
 }
 
 void
