@@ -12,6 +12,7 @@ OBJS = \
 	src/odata.o \
 	src/edm.o \
 	src/csdl.o \
+	src/servicemeta.o \
 	src/actions.o \
 	src/paging.o \
 	src/convert.o \

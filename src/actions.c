@@ -1,9 +1,15 @@
 /*-------------------------------------------------------------------------
  *
  * actions.c
- *	  The actions: get_entities, get_items and get_item.  Each is exactly
- *	  one call to the service, answered in the calling session and in its
- *	  transaction; nothing is written.
+ *	  The actions: get_entities, get_items and get_item, answered in the
+ *	  calling session and in its transaction; nothing is written.  Each is
+ *	  one call to the service, except get_item on an OData or Dataverse
+ *	  connection, which first reads $metadata to write the key's literal
+ *	  by its type (Customer Insights keys are strings: quoted, one call).
+ *
+ *	  Entity lists come from E2 (Customer Insights) or the service
+ *	  document (the other flavours); fetching metadata is servicemeta.c's
+ *	  job, reading CSDL csdl.c's, the Edm map edm.c's.
  *
  *-------------------------------------------------------------------------
  */
@@ -19,8 +25,10 @@
 #include "ciflow.h"
 #include "connection.h"
 #include "convert.h"
+#include "edm.h"
 #include "odata.h"
 #include "request.h"
+#include "servicemeta.h"
 
 CIFLOW_SQL_FUNCTION(ciflow_get_entities);
 CIFLOW_SQL_FUNCTION(ciflow_get_items);
@@ -101,6 +109,29 @@ ReadFailMessage(FunctionCallInfo fcinfo)
 					entity ? entity : "(null)", name ? name : "(null)");
 }
 
+/*
+ * OData and Dataverse: the service document's entity sets.  The name is
+ * what sync and get_items take, the URL segment goes in qualified_name;
+ * the rest is in $metadata, which can be tens of MB: not read here.
+ */
+static void
+PutEntitySets(const CiflowConnection *conn, ReturnSetInfo *rsinfo, const char *failmsg)
+{
+	int			nsets;
+	CiflowEntitySet *sets = CiflowFetchEntitySets(conn, failmsg, &nsets);
+	int			i;
+
+	for (i = 0; i < nsets; i++)
+	{
+		Datum		values[7] = {0};
+		bool		nulls[7] = {false, false, true, true, true, true, true};
+
+		values[0] = CStringGetTextDatum(sets[i].name);
+		values[1] = CStringGetTextDatum(sets[i].url);
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	}
+}
+
 static Datum
 GetEntitiesBody(FunctionCallInfo fcinfo, const char *failmsg)
 {
@@ -114,6 +145,11 @@ GetEntitiesBody(FunctionCallInfo fcinfo, const char *failmsg)
 	size_t		i;
 
 	InitMaterializedSRF(fcinfo, 0);
+	if (conn->flavor != CIFLOW_FLAVOR_CUSTOMER_INSIGHTS)
+	{
+		PutEntitySets(conn, rsinfo, failmsg);
+		return (Datum) 0;
+	}
 	CiflowConverterInit(&ts_conv, TIMESTAMPTZOID, -1, CurrentMemoryContext);
 	CiflowConverterInit(&jsonb_conv, JSONBOID, -1, CurrentMemoryContext);
 
@@ -234,21 +270,56 @@ ciflow_get_items(PG_FUNCTION_ARGS)
 	return RunAction(fcinfo, GetItemsBody, ReadFailMessage(fcinfo));
 }
 
+/*
+ * The key's literal.  OData and Dataverse: by the key property's Edm type
+ * in $metadata (42703 when the entity set has no such property), so that
+ * an Edm.Int32 or Edm.Guid key is written unquoted.  Customer Insights:
+ * quoted, as its keys are strings, without a second call.
+ */
+static char *
+KeyLiteral(const CiflowConnection *conn, const char *entity, const char *key_name,
+		   const char *key_value, const char *failmsg)
+{
+	CiflowCsdlEntity *shape;
+	int			p;
+
+	if (conn->flavor == CIFLOW_FLAVOR_CUSTOMER_INSIGHTS)
+		return CiflowEdmLiteral("Edm.String", key_value);
+
+	shape = CiflowFetchCsdlEntity(conn, entity, failmsg, NULL);
+	p = CiflowCsdlFindProperty(shape, key_name);
+	if (p < 0)
+	{
+		StringInfoData keys;
+		int			k;
+
+		initStringInfo(&keys);
+		for (k = 0; k < shape->nkeys; k++)
+			appendStringInfo(&keys, "%s%s", k > 0 ? ", " : "",
+							 shape->properties[shape->keys[k]].name);
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_COLUMN),
+				 errmsg("%s", failmsg),
+				 errdetail("Entity type %s has no property \"%s\".", shape->entity_type, key_name),
+				 errhint("Its key is %s; pass it as key_name.", keys.data)));
+	}
+	return CiflowEdmLiteral(shape->properties[p].edm_type, key_value);
+}
+
 static Datum
 GetItemBody(FunctionCallInfo fcinfo, const char *failmsg)
 {
 	char	   *name = CiflowTextArg(fcinfo, 0);
 	char	   *entity = CiflowTextArg(fcinfo, 1);
 	char	   *key_value = CiflowTextArg(fcinfo, 2);
-	char	   *key_name = PG_ARGISNULL(3) ? pstrdup("CustomerId") : CiflowTextArg(fcinfo, 3);
+	char	   *key_name = CiflowTextArg(fcinfo, 3);
 	CiflowConnection *conn;
-	StringInfoData literal;
 	StringInfoData query;
 	json_t	   *rows;
-	const char *p;
 
 	RequireArg(name, "connection");
 	RequireArg(entity, "entity");
+	/* Its default is CustomerId; an explicit NULL is a mistake, not "any". */
 	RequireArg(key_name, "key_name");
 	if (!IsODataIdentifier(key_name))
 		ereport(ERROR,
@@ -258,19 +329,10 @@ GetItemBody(FunctionCallInfo fcinfo, const char *failmsg)
 				 errhint("Use ciflow.get_items with filter => ... for anything else.")));
 	conn = CiflowGetConnection(name);
 
-	/* An OData string literal: quotes doubled. */
-	initStringInfo(&literal);
-	appendStringInfoChar(&literal, '\'');
-	for (p = key_value; *p; p++)
-	{
-		if (*p == '\'')
-			appendStringInfoChar(&literal, '\'');
-		appendStringInfoChar(&literal, *p);
-	}
-	appendStringInfoChar(&literal, '\'');
-
 	initStringInfo(&query);
-	CiflowAppendQuery(&query, "$filter", psprintf("%s eq %s", key_name, literal.data));
+	CiflowAppendQuery(&query, "$filter",
+					  psprintf("%s eq %s", key_name,
+							   KeyLiteral(conn, entity, key_name, key_value, failmsg)));
 	CiflowAppendQuery(&query, "$top", "1");
 	rows = FetchOnePage(conn, entity, query.data, failmsg);
 	if (json_array_size(rows) == 0)

@@ -109,6 +109,9 @@ typedef struct CsdlState
 	int			ntypes;
 	int			maxtypes;
 	char	   *set_type;		/* EntitySet/@EntityType as written */
+	char	  **sets;			/* every EntitySet/@Name, when listing */
+	int			nsets;
+	int			maxsets;
 
 	/* pass 2 */
 	char	   *chain[CSDL_MAX_CHAIN];	/* qualified; [0] is the set's type */
@@ -352,9 +355,22 @@ StartPropertyRef(CsdlState *st, const xmlChar **attrs, int nattrs)
 static void
 StartEntitySet(CsdlState *st, const xmlChar **attrs, int nattrs)
 {
-	char	   *name = Attribute(st, attrs, nattrs, "Name");
+	char	   *name = RequiredAttribute(st, attrs, nattrs, "EntitySet", "Name");
 
-	if (name != NULL && strcmp(name, st->entity_set) == 0 && st->set_type == NULL)
+	if (name == NULL)
+		return;
+	if (st->entity_set == NULL)
+	{
+		if (st->nsets >= CSDL_MAX_TYPES)
+		{
+			Stop(st, ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+				 psprintf("The document has more than %d entity sets.", CSDL_MAX_TYPES));
+			return;
+		}
+		st->sets = Grow(st->sets, st->nsets, 64, sizeof(char *));
+		st->sets[st->nsets++] = name;
+	}
+	else if (strcmp(name, st->entity_set) == 0 && st->set_type == NULL)
 		st->set_type = RequiredAttribute(st, attrs, nattrs, "EntitySet", "EntityType");
 }
 
@@ -698,12 +714,11 @@ Assemble(CsdlState *st, const char *failmsg)
 	return e;
 }
 
-CiflowCsdlEntity *
-CiflowCsdlReadEntity(const char *doc, size_t len, const char *entity_set,
-					 const char *failmsg)
+/* State for a first pass over doc: the index, and entity_set's type. */
+static CsdlState *
+IndexDocument(const char *doc, size_t len, const char *entity_set, const char *failmsg)
 {
 	CsdlState  *st = palloc0(sizeof(CsdlState));
-	int			i;
 
 	if (len > (size_t) PG_INT32_MAX)
 		ereport(ERROR,
@@ -714,9 +729,29 @@ CiflowCsdlReadEntity(const char *doc, size_t len, const char *entity_set,
 	st->schemas = palloc(sizeof(CsdlSchema) * CSDL_MAX_SCHEMAS);
 	st->maxtypes = 64;
 	st->types = palloc(sizeof(CsdlTypeIndex) * st->maxtypes);
+	st->sets = palloc(sizeof(char *) * 64);
 
 	st->pass = 1;
 	RunPass(st, doc, len, failmsg);
+	return st;
+}
+
+char	  **
+CiflowCsdlEntitySets(const char *doc, size_t len, const char *failmsg, int *nsets)
+{
+	CsdlState  *st = IndexDocument(doc, len, NULL, failmsg);
+
+	*nsets = st->nsets;
+	return st->sets;
+}
+
+CiflowCsdlEntity *
+CiflowCsdlReadEntity(const char *doc, size_t len, const char *entity_set,
+					 const char *failmsg)
+{
+	CsdlState  *st = IndexDocument(doc, len, entity_set, failmsg);
+	int			i;
+
 	BuildChain(st, failmsg);
 
 	st->pass = 2;

@@ -45,6 +45,13 @@ extern CiflowCsdlEntity *CiflowCsdlReadEntity(const char *doc, size_t len,
 											  const char *entity_set,
 											  const char *failmsg);
 
+/*
+ * Every EntitySet/@Name of the document's entity containers, in document
+ * order (for services whose service document is not JSON).  Same errors.
+ */
+extern char **CiflowCsdlEntitySets(const char *doc, size_t len,
+								   const char *failmsg, int *nsets);
+
 /* The index of a property by name (case-sensitive, as OData is), or -1. */
 extern int	CiflowCsdlFindProperty(const CiflowCsdlEntity *entity, const char *name);
 

@@ -7,7 +7,8 @@
  *	  CSDL for OData and Dataverse) and the sync's shape code all ask here,
  *	  so that a type maps the same way wherever it comes from.
  *
- *	  Pure functions: no I/O, no catalog access.  Converting values is
+ *	  Pure functions: no I/O, no catalog access; ciflow.edm_type() shows
+ *	  the map in SQL.  Converting values is
  *	  convert.c's job, reading metadata csdl.c's.
  *
  *-------------------------------------------------------------------------
@@ -17,9 +18,13 @@
 #include "catalog/pg_type.h"
 #include "fmgr.h"
 #include "lib/stringinfo.h"
+#include "utils/builtins.h"
 #include "utils/lsyscache.h"
 
+#include "ciflow.h"
 #include "edm.h"
+
+CIFLOW_SQL_FUNCTION(ciflow_edm_type);
 
 /* How a value of the type is written in a $filter (OData ABNF, part 2). */
 typedef enum EdmLiteral
@@ -179,4 +184,11 @@ CiflowEdmLiteral(const char *edm, const char *value)
 			break;
 	}
 	return out.data;
+}
+
+/* ciflow.edm_type(edm_type text): the column type a sync gives it. */
+Datum
+ciflow_edm_type(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_OID(CiflowEdmTypeOid(text_to_cstring(PG_GETARG_TEXT_PP(0))));
 }
