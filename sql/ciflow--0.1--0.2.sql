@@ -200,7 +200,8 @@ DROP TABLE ciflow_sync_grants;
  * max_calls NULL means no client-side call limit, for services that enforce
  * their own and answer 429 with Retry-After (Dataverse, most OData servers).
  * edm_type and edm_value show the Edm type map and how a service's JSON value
- * is read into a column of it, exactly as a sync does.
+ * is read into a column of it, exactly as a sync does; describe_entity shows
+ * an entity set's shape as $metadata gives it.
  */
 ALTER TABLE ciflow.connection_settings ALTER COLUMN max_calls DROP NOT NULL;
 COMMENT ON COLUMN ciflow.connection_settings.max_calls IS
@@ -219,6 +220,20 @@ LANGUAGE C STABLE STRICT PARALLEL SAFE
 AS 'MODULE_PATHNAME', 'ciflow_edm_value';
 COMMENT ON FUNCTION ciflow.edm_value(jsonb, text) IS
     'A service''s JSON value as a sync stores it in a column of the Edm type, as text';
+
+CREATE FUNCTION ciflow.describe_entity(
+    connection text,
+    entity     text,
+    OUT name        text,
+    OUT edm_type    text,
+    OUT column_type regtype,
+    OUT nullable    boolean,
+    OUT key_position integer)
+RETURNS SETOF record
+LANGUAGE C CALLED ON NULL INPUT VOLATILE
+AS 'MODULE_PATHNAME', 'ciflow_describe_entity';
+COMMENT ON FUNCTION ciflow.describe_entity(text, text) IS
+    'An entity set''s properties as the service''s $metadata describes them, with the column types a sync gives them';
 
 -- alter_connection: max_calls => NULL lifts the limit; the default (-1) keeps it.
 CREATE OR REPLACE FUNCTION ciflow.alter_connection(
@@ -242,3 +257,4 @@ AS 'MODULE_PATHNAME', 'ciflow_alter_connection';
 
 REVOKE ALL ON FUNCTION ciflow.edm_type(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION ciflow.edm_value(jsonb, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION ciflow.describe_entity(text, text) FROM PUBLIC;

@@ -7,6 +7,9 @@
  *	  connection, which first reads $metadata to write the key's literal
  *	  by its type (Customer Insights keys are strings: quoted, one call).
  *
+ *	  describe_entity shows an entity set's shape as $metadata gives it
+ *	  (the columns a sync makes of it), for every flavour.
+ *
  *	  Entity lists come from E2 (Customer Insights) or the service
  *	  document (the other flavours); fetching metadata is servicemeta.c's
  *	  job, reading CSDL csdl.c's, the Edm map edm.c's.
@@ -33,6 +36,7 @@
 CIFLOW_SQL_FUNCTION(ciflow_get_entities);
 CIFLOW_SQL_FUNCTION(ciflow_get_items);
 CIFLOW_SQL_FUNCTION(ciflow_get_item);
+CIFLOW_SQL_FUNCTION(ciflow_describe_entity);
 
 static void
 RequireArg(const char *value, const char *what)
@@ -350,4 +354,55 @@ ciflow_get_item(PG_FUNCTION_ARGS)
 	if (PG_ARGISNULL(2))
 		PG_RETURN_NULL();
 	return RunAction(fcinfo, GetItemBody, ReadFailMessage(fcinfo));
+}
+
+/*
+ * describe_entity(connection, entity): one row per property of the entity
+ * set's type in $metadata, base types' first: name, Edm type (aliases
+ * resolved), the column type a sync gives it, nullability, and its
+ * position in the key (NULL when not a key property).  One call.
+ */
+static Datum
+DescribeEntityBody(FunctionCallInfo fcinfo, const char *failmsg)
+{
+	char	   *name = CiflowTextArg(fcinfo, 0);
+	char	   *entity = CiflowTextArg(fcinfo, 1);
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	CiflowConnection *conn;
+	CiflowCsdlEntity *shape;
+	int			i;
+
+	RequireArg(name, "connection");
+	RequireArg(entity, "entity");
+	conn = CiflowGetConnection(name);
+	InitMaterializedSRF(fcinfo, MAT_SRF_USE_EXPECTED_DESC);
+	shape = CiflowFetchCsdlEntity(conn, entity, failmsg, NULL);
+	for (i = 0; i < shape->nproperties; i++)
+	{
+		const CiflowCsdlProperty *p = &shape->properties[i];
+		Datum		values[5];
+		bool		nulls[5] = {false, false, false, false, true};
+		int			k;
+
+		values[0] = CStringGetTextDatum(p->name);
+		values[1] = CStringGetTextDatum(p->edm_type);
+		values[2] = ObjectIdGetDatum(CiflowEdmTypeOid(p->edm_type));
+		values[3] = BoolGetDatum(p->nullable);
+		for (k = 0; k < shape->nkeys; k++)
+		{
+			if (shape->keys[k] == i)
+			{
+				values[4] = Int32GetDatum(k + 1);
+				nulls[4] = false;
+			}
+		}
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	}
+	return (Datum) 0;
+}
+
+Datum
+ciflow_describe_entity(PG_FUNCTION_ARGS)
+{
+	return RunAction(fcinfo, DescribeEntityBody, ReadFailMessage(fcinfo));
 }
