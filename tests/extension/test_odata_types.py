@@ -5,7 +5,7 @@ max_calls => NULL (no client-side call limit)."""
 
 import pytest
 
-from extension.cihelpers import connection_args, create_connection_sql, raises_sqlstate
+from extension.cihelpers import connection_args, raises_sqlstate
 
 MAP = [("Edm.String", "text"), ("Edm.Boolean", "boolean"), ("Edm.Byte", "smallint"),
        ("Edm.SByte", "smallint"), ("Edm.Int16", "smallint"), ("Edm.Int32", "integer"),
@@ -98,11 +98,15 @@ def view_max_calls(db, name):
     return db.sql("SELECT max_calls FROM ciflow.connections WHERE name = %s", (name,))[0][0]
 
 
-def test_max_calls_null_is_no_limit(ciflow_db, emulator):
-    args = connection_args(emulator)
+def create_with(db, emu, name, extra):
+    """create_connection for the emulator's instance with extra SQL arguments."""
+    args = connection_args(emu)
     named = ", ".join(f"{k} => %({k})s" for k in args)
-    ciflow_db.sql(f"SELECT ciflow.create_connection('nolimit', {named}, max_calls => NULL,"
-                  " per_interval => '1 hour')", args)
+    db.sql(f"SELECT ciflow.create_connection('{name}', {named}, {extra})", args)
+
+
+def test_max_calls_null_is_no_limit(ciflow_db, emulator):
+    create_with(ciflow_db, emulator, "nolimit", "max_calls => NULL, per_interval => '1 hour'")
     try:
         assert view_max_calls(ciflow_db, "nolimit") is None
         # 30 calls in a row, none waiting for a slot (no slot is taken).
@@ -124,18 +128,14 @@ def test_max_calls_null_is_no_limit(ciflow_db, emulator):
                               (bad,))
             assert "NULL" in err.message
         with raises_sqlstate("22023"):
-            ciflow_db.sql(f"SELECT ciflow.create_connection('other', {named}, max_calls => -1)",
-                          args)
+            create_with(ciflow_db, emulator, "other", "max_calls => -1")
     finally:
         ciflow_db.sql("SELECT ciflow.drop_connection('nolimit', if_exists => true)")
 
 
 def test_max_calls_null_never_waits(ciflow_db, emulator):
     """With max_calls 1 per hour a second call would wait an hour; with NULL none waits."""
-    args = connection_args(emulator)
-    named = ", ".join(f"{k} => %({k})s" for k in args)
-    ciflow_db.sql(f"SELECT ciflow.create_connection('nolimit2', {named}, max_calls => 1,"
-                  " per_interval => '1 hour')", args)
+    create_with(ciflow_db, emulator, "nolimit2", "max_calls => 1, per_interval => '1 hour'")
     try:
         ciflow_db.sql("SELECT count(*) FROM ciflow.get_items('nolimit2', 'Customer', top => 1)")
         ciflow_db.sql("SELECT ciflow.alter_connection('nolimit2', max_calls => NULL)")
