@@ -271,9 +271,8 @@ ValidateSettings(ConnValues *cv)
 		(strtol(cv->v[ARG_MAX_CALLS], NULL, 10) < 1 ||
 		 strtol(cv->v[ARG_MAX_CALLS], NULL, 10) > CIFLOW_MAX_CALLS_LIMIT))
 		ConnError(name, ERRCODE_INVALID_PARAMETER_VALUE,
-				  psprintf("max_calls must be between 1 and %d, or NULL for no client-side limit",
-						   CIFLOW_MAX_CALLS_LIMIT),
-				  "Use NULL for a service that enforces its own limit (Dataverse: per user over 5 minutes); ciflow retries its 429 answers after Retry-After.");
+				  psprintf("max_calls must be between 1 and %d", CIFLOW_MAX_CALLS_LIMIT),
+				  NULL);
 	if (cv->v[ARG_PAGE_SIZE] == NULL)
 		cv->v[ARG_PAGE_SIZE] = pstrdup("100");
 	(void) IntSetting(cv, ARG_PAGE_SIZE, 1, 5000);

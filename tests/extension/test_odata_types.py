@@ -123,10 +123,9 @@ def test_max_calls_null_is_no_limit(ciflow_db, emulator):
         ciflow_db.sql("SELECT ciflow.alter_connection('nolimit', max_calls => NULL)")
         assert view_max_calls(ciflow_db, "nolimit") is None
         for bad in (0, 6001):
-            with raises_sqlstate("22023") as err:
+            with raises_sqlstate("22023"):
                 ciflow_db.sql("SELECT ciflow.alter_connection('nolimit', max_calls => %s)",
                               (bad,))
-            assert "NULL" in err.message
         with raises_sqlstate("22023"):
             create_with(ciflow_db, emulator, "other", "max_calls => -1")
     finally:
