@@ -10,6 +10,9 @@ OBJS = \
 	src/ratelimit.o \
 	src/request.o \
 	src/odata.o \
+	src/edm.o \
+	src/csdl.o \
+	src/servicemeta.o \
 	src/actions.o \
 	src/paging.o \
 	src/convert.o \
@@ -37,10 +40,13 @@ PG_CONFIG ?= pg_config
 # Hidden visibility: the library exports only what PGDLLEXPORT marks (the
 # magic block, _PG_init, the ciflow_* SQL functions and worker entry points),
 # so no symbol of ours can clash with another library's.
+# libxml2 (the CSDL reader) is the one the server links; its headers are
+# system headers too.
 PG_CPPFLAGS = -I$(srcdir)/src -isystem $(shell $(PG_CONFIG) --includedir-server) $(shell curl-config --cflags) \
+	$(patsubst -I%,-isystem %,$(shell xml2-config --cflags)) \
 	'-DPGDLLEXPORT=__attribute__((visibility("default")))'
 PG_CFLAGS = -Wall -Wextra -fvisibility=hidden
-SHLIB_LINK = $(shell curl-config --libs) -ljansson
+SHLIB_LINK = $(shell curl-config --libs) -ljansson $(shell xml2-config --libs)
 
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)

@@ -435,3 +435,68 @@ COMMENT ON FUNCTION ciflow.drop_threshold(bigint) IS
     'Stops watching a threshold.';
 COMMENT ON FUNCTION ciflow.trim_events() IS
     'Deletes events older than ciflow.event_retention (and job states unseen for 30 days) in batches; returns the number of events deleted.';
+
+/*
+ * Dataverse and other OData v4 services (issue 10).
+ *
+ * max_calls NULL means no client-side call limit, for services that enforce
+ * their own and answer 429 with Retry-After (Dataverse, most OData servers).
+ * edm_type and edm_value show the Edm type map and how a service's JSON value
+ * is read into a column of it, exactly as a sync does; describe_entity shows
+ * an entity set's shape as $metadata gives it.
+ */
+ALTER TABLE ciflow.connection_settings ALTER COLUMN max_calls DROP NOT NULL;
+COMMENT ON COLUMN ciflow.connection_settings.max_calls IS
+    'At most this many calls per per_interval, across all sessions; NULL: no client-side limit';
+
+CREATE FUNCTION ciflow.edm_type(edm_type text)
+RETURNS regtype
+LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE
+AS 'MODULE_PATHNAME', 'ciflow_edm_type';
+COMMENT ON FUNCTION ciflow.edm_type(text) IS
+    'The column type a sync gives an Edm type (jsonb for complex, collection and enum types)';
+
+CREATE FUNCTION ciflow.edm_value(value jsonb, edm_type text)
+RETURNS text
+LANGUAGE C STABLE STRICT PARALLEL SAFE
+AS 'MODULE_PATHNAME', 'ciflow_edm_value';
+COMMENT ON FUNCTION ciflow.edm_value(jsonb, text) IS
+    'A service''s JSON value as a sync stores it in a column of the Edm type, as text';
+
+CREATE FUNCTION ciflow.describe_entity(
+    connection text,
+    entity     text,
+    OUT name        text,
+    OUT edm_type    text,
+    OUT column_type regtype,
+    OUT nullable    boolean,
+    OUT key_position integer)
+RETURNS SETOF record
+LANGUAGE C CALLED ON NULL INPUT VOLATILE
+AS 'MODULE_PATHNAME', 'ciflow_describe_entity';
+COMMENT ON FUNCTION ciflow.describe_entity(text, text) IS
+    'An entity set''s properties as the service''s $metadata describes them, with the column types a sync gives them';
+
+-- alter_connection: max_calls => NULL lifts the limit; the default (-1) keeps it.
+CREATE OR REPLACE FUNCTION ciflow.alter_connection(
+    name             text,
+    base_url         text     DEFAULT NULL,
+    instance_id      text     DEFAULT NULL,
+    flavor           text     DEFAULT NULL,
+    token_url        text     DEFAULT NULL,
+    client_id        text     DEFAULT NULL,
+    client_secret    text     DEFAULT NULL,
+    scope            text     DEFAULT NULL,
+    subscription_key text     DEFAULT NULL,
+    bearer_token     text     DEFAULT NULL,
+    max_calls        integer  DEFAULT -1,
+    per_interval     interval DEFAULT NULL,
+    page_size        integer  DEFAULT NULL,
+    ca_file          text     DEFAULT NULL)
+RETURNS void
+LANGUAGE C CALLED ON NULL INPUT VOLATILE
+AS 'MODULE_PATHNAME', 'ciflow_alter_connection';
+
+REVOKE ALL ON FUNCTION ciflow.edm_type(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION ciflow.edm_value(jsonb, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION ciflow.describe_entity(text, text) FROM PUBLIC;

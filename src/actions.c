@@ -1,9 +1,18 @@
 /*-------------------------------------------------------------------------
  *
  * actions.c
- *	  The actions: get_entities, get_items and get_item.  Each is exactly
- *	  one call to the service, answered in the calling session and in its
- *	  transaction; nothing is written.
+ *	  The actions: get_entities, get_items and get_item, answered in the
+ *	  calling session and in its transaction; nothing is written.  Each is
+ *	  one call to the service, except get_item on an OData or Dataverse
+ *	  connection, which first reads $metadata to write the key's literal
+ *	  by its type (Customer Insights keys are strings: quoted, one call).
+ *
+ *	  describe_entity shows an entity set's shape as $metadata gives it
+ *	  (the columns a sync makes of it), for every flavour.
+ *
+ *	  Entity lists come from E2 (Customer Insights) or the service
+ *	  document (the other flavours); fetching metadata is servicemeta.c's
+ *	  job, reading CSDL csdl.c's, the Edm map edm.c's.
  *
  *-------------------------------------------------------------------------
  */
@@ -19,12 +28,15 @@
 #include "ciflow.h"
 #include "connection.h"
 #include "convert.h"
+#include "edm.h"
 #include "odata.h"
 #include "request.h"
+#include "servicemeta.h"
 
 CIFLOW_SQL_FUNCTION(ciflow_get_entities);
 CIFLOW_SQL_FUNCTION(ciflow_get_items);
 CIFLOW_SQL_FUNCTION(ciflow_get_item);
+CIFLOW_SQL_FUNCTION(ciflow_describe_entity);
 
 static void
 RequireArg(const char *value, const char *what)
@@ -101,6 +113,29 @@ ReadFailMessage(FunctionCallInfo fcinfo)
 					entity ? entity : "(null)", name ? name : "(null)");
 }
 
+/*
+ * OData and Dataverse: the service document's entity sets.  The name is
+ * what sync and get_items take, the URL segment goes in qualified_name;
+ * the rest is in $metadata, which can be tens of MB: not read here.
+ */
+static void
+PutEntitySets(const CiflowConnection *conn, ReturnSetInfo *rsinfo, const char *failmsg)
+{
+	int			nsets;
+	CiflowEntitySet *sets = CiflowFetchEntitySets(conn, failmsg, &nsets);
+	int			i;
+
+	for (i = 0; i < nsets; i++)
+	{
+		Datum		values[7] = {0};
+		bool		nulls[7] = {false, false, true, true, true, true, true};
+
+		values[0] = CStringGetTextDatum(sets[i].name);
+		values[1] = CStringGetTextDatum(sets[i].url);
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	}
+}
+
 static Datum
 GetEntitiesBody(FunctionCallInfo fcinfo, const char *failmsg)
 {
@@ -114,6 +149,11 @@ GetEntitiesBody(FunctionCallInfo fcinfo, const char *failmsg)
 	size_t		i;
 
 	InitMaterializedSRF(fcinfo, 0);
+	if (conn->flavor != CIFLOW_FLAVOR_CUSTOMER_INSIGHTS)
+	{
+		PutEntitySets(conn, rsinfo, failmsg);
+		return (Datum) 0;
+	}
 	CiflowConverterInit(&ts_conv, TIMESTAMPTZOID, -1, CurrentMemoryContext);
 	CiflowConverterInit(&jsonb_conv, JSONBOID, -1, CurrentMemoryContext);
 
@@ -234,21 +274,56 @@ ciflow_get_items(PG_FUNCTION_ARGS)
 	return RunAction(fcinfo, GetItemsBody, ReadFailMessage(fcinfo));
 }
 
+/*
+ * The key's literal.  OData and Dataverse: by the key property's Edm type
+ * in $metadata (42703 when the entity set has no such property), so that
+ * an Edm.Int32 or Edm.Guid key is written unquoted.  Customer Insights:
+ * quoted, as its keys are strings, without a second call.
+ */
+static char *
+KeyLiteral(const CiflowConnection *conn, const char *entity, const char *key_name,
+		   const char *key_value, const char *failmsg)
+{
+	CiflowCsdlEntity *shape;
+	int			p;
+
+	if (conn->flavor == CIFLOW_FLAVOR_CUSTOMER_INSIGHTS)
+		return CiflowEdmLiteral("Edm.String", key_value);
+
+	shape = CiflowFetchCsdlEntity(conn, entity, failmsg, NULL);
+	p = CiflowCsdlFindProperty(shape, key_name);
+	if (p < 0)
+	{
+		StringInfoData keys;
+		int			k;
+
+		initStringInfo(&keys);
+		for (k = 0; k < shape->nkeys; k++)
+			appendStringInfo(&keys, "%s%s", k > 0 ? ", " : "",
+							 shape->properties[shape->keys[k]].name);
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_COLUMN),
+				 errmsg("%s", failmsg),
+				 errdetail("Entity type %s has no property \"%s\".", shape->entity_type, key_name),
+				 errhint("Its key is %s; pass it as key_name.", keys.data)));
+	}
+	return CiflowEdmLiteral(shape->properties[p].edm_type, key_value);
+}
+
 static Datum
 GetItemBody(FunctionCallInfo fcinfo, const char *failmsg)
 {
 	char	   *name = CiflowTextArg(fcinfo, 0);
 	char	   *entity = CiflowTextArg(fcinfo, 1);
 	char	   *key_value = CiflowTextArg(fcinfo, 2);
-	char	   *key_name = PG_ARGISNULL(3) ? pstrdup("CustomerId") : CiflowTextArg(fcinfo, 3);
+	char	   *key_name = CiflowTextArg(fcinfo, 3);
 	CiflowConnection *conn;
-	StringInfoData literal;
 	StringInfoData query;
 	json_t	   *rows;
-	const char *p;
 
 	RequireArg(name, "connection");
 	RequireArg(entity, "entity");
+	/* Its default is CustomerId; an explicit NULL is a mistake, not "any". */
 	RequireArg(key_name, "key_name");
 	if (!IsODataIdentifier(key_name))
 		ereport(ERROR,
@@ -258,19 +333,10 @@ GetItemBody(FunctionCallInfo fcinfo, const char *failmsg)
 				 errhint("Use ciflow.get_items with filter => ... for anything else.")));
 	conn = CiflowGetConnection(name);
 
-	/* An OData string literal: quotes doubled. */
-	initStringInfo(&literal);
-	appendStringInfoChar(&literal, '\'');
-	for (p = key_value; *p; p++)
-	{
-		if (*p == '\'')
-			appendStringInfoChar(&literal, '\'');
-		appendStringInfoChar(&literal, *p);
-	}
-	appendStringInfoChar(&literal, '\'');
-
 	initStringInfo(&query);
-	CiflowAppendQuery(&query, "$filter", psprintf("%s eq %s", key_name, literal.data));
+	CiflowAppendQuery(&query, "$filter",
+					  psprintf("%s eq %s", key_name,
+							   KeyLiteral(conn, entity, key_name, key_value, failmsg)));
 	CiflowAppendQuery(&query, "$top", "1");
 	rows = FetchOnePage(conn, entity, query.data, failmsg);
 	if (json_array_size(rows) == 0)
@@ -288,4 +354,55 @@ ciflow_get_item(PG_FUNCTION_ARGS)
 	if (PG_ARGISNULL(2))
 		PG_RETURN_NULL();
 	return RunAction(fcinfo, GetItemBody, ReadFailMessage(fcinfo));
+}
+
+/*
+ * describe_entity(connection, entity): one row per property of the entity
+ * set's type in $metadata, base types' first: name, Edm type (aliases
+ * resolved), the column type a sync gives it, nullability, and its
+ * position in the key (NULL when not a key property).  One call.
+ */
+static Datum
+DescribeEntityBody(FunctionCallInfo fcinfo, const char *failmsg)
+{
+	char	   *name = CiflowTextArg(fcinfo, 0);
+	char	   *entity = CiflowTextArg(fcinfo, 1);
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	CiflowConnection *conn;
+	CiflowCsdlEntity *shape;
+	int			i;
+
+	RequireArg(name, "connection");
+	RequireArg(entity, "entity");
+	conn = CiflowGetConnection(name);
+	InitMaterializedSRF(fcinfo, MAT_SRF_USE_EXPECTED_DESC);
+	shape = CiflowFetchCsdlEntity(conn, entity, failmsg, NULL);
+	for (i = 0; i < shape->nproperties; i++)
+	{
+		const CiflowCsdlProperty *p = &shape->properties[i];
+		Datum		values[5];
+		bool		nulls[5] = {false, false, false, false, true};
+		int			k;
+
+		values[0] = CStringGetTextDatum(p->name);
+		values[1] = CStringGetTextDatum(p->edm_type);
+		values[2] = ObjectIdGetDatum(CiflowEdmTypeOid(p->edm_type));
+		values[3] = BoolGetDatum(p->nullable);
+		for (k = 0; k < shape->nkeys; k++)
+		{
+			if (shape->keys[k] == i)
+			{
+				values[4] = Int32GetDatum(k + 1);
+				nulls[4] = false;
+			}
+		}
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	}
+	return (Datum) 0;
+}
+
+Datum
+ciflow_describe_entity(PG_FUNCTION_ARGS)
+{
+	return RunAction(fcinfo, DescribeEntityBody, ReadFailMessage(fcinfo));
 }

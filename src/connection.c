@@ -94,6 +94,16 @@ static const ConnArg secret_args[] = {ARG_CLIENT_SECRET, ARG_SUBSCRIPTION_KEY, A
 /* Settings that say where secrets go: changing one needs the secrets again. */
 static const ConnArg destination_args[] = {ARG_BASE_URL, ARG_TOKEN_URL, ARG_CA_FILE};
 
+/*
+ * max_calls as text when there is no client-side limit: NULL in the
+ * catalog and in SQL, 0 in CiflowConnection.max_calls.  No number a user
+ * gives reads as this text (0 is refused as before).
+ */
+#define NO_CALL_LIMIT "none"
+
+/* alter_connection's default for max_calls: leave it as it is. */
+#define ALTER_KEEPS_MAX_CALLS "-1"
+
 /* The longest per_interval: a longer one would stall every caller for good. */
 #define MAX_PER_INTERVAL_MS ((int64) 24 * 60 * 60 * 1000)
 
@@ -249,9 +259,20 @@ ValidateSettings(ConnValues *cv)
 			cv->v[ARG_SCOPE] = psprintf("%s/.default", origin);
 	}
 
+	/*
+	 * 0 (NULL in SQL) is no limit.  The cap is the capacity of the exact
+	 * sliding window in shared memory (ratelimit.c): a service that takes
+	 * more calls than that per interval enforces its own limit anyway, and
+	 * such connections should have none.
+	 */
 	if (cv->v[ARG_MAX_CALLS] == NULL)
 		cv->v[ARG_MAX_CALLS] = pstrdup("100");
-	(void) IntSetting(cv, ARG_MAX_CALLS, 1, CIFLOW_MAX_CALLS_LIMIT);
+	if (strcmp(cv->v[ARG_MAX_CALLS], NO_CALL_LIMIT) != 0 &&
+		(strtol(cv->v[ARG_MAX_CALLS], NULL, 10) < 1 ||
+		 strtol(cv->v[ARG_MAX_CALLS], NULL, 10) > CIFLOW_MAX_CALLS_LIMIT))
+		ConnError(name, ERRCODE_INVALID_PARAMETER_VALUE,
+				  psprintf("max_calls must be between 1 and %d", CIFLOW_MAX_CALLS_LIMIT),
+				  NULL);
 	if (cv->v[ARG_PAGE_SIZE] == NULL)
 		cv->v[ARG_PAGE_SIZE] = pstrdup("100");
 	(void) IntSetting(cv, ARG_PAGE_SIZE, 1, 5000);
@@ -326,6 +347,8 @@ LoadValues(const char *name, ConnValues *cv, bool with_secrets)
 	cv->v[ARG_CLIENT_ID] = CiflowCatalogText(tup, desc, "client_id");
 	cv->v[ARG_SCOPE] = CiflowCatalogText(tup, desc, "scope");
 	cv->v[ARG_MAX_CALLS] = psprintf("%d", DatumGetInt32(CiflowCatalogDatum(tup, desc, "max_calls", &isnull)));
+	if (isnull)
+		cv->v[ARG_MAX_CALLS] = pstrdup(NO_CALL_LIMIT);
 	cv->v[ARG_PER_INTERVAL] =
 		DatumGetCString(DirectFunctionCall1(interval_out,
 											CiflowCatalogDatum(tup, desc, "per_interval", &isnull)));
@@ -436,6 +459,9 @@ StoreValues(ConnValues *cv, bool replace)
 		cv->v[ARG_CLIENT_ID], cv->v[ARG_SCOPE], cv->v[ARG_MAX_CALLS],
 	cv->v[ARG_PER_INTERVAL], cv->v[ARG_PAGE_SIZE], cv->v[ARG_CA_FILE]};
 
+	if (strcmp(cv->v[ARG_MAX_CALLS], NO_CALL_LIMIT) == 0)
+		settings[7] = NULL;
+
 	if (replace)
 		(void) WriteTexts(&update_settings, settings, 11, InvalidOid);
 	else
@@ -499,6 +525,9 @@ ciflow_create_connection(PG_FUNCTION_ARGS)
 
 	CiflowRefuseRestricted();
 	ValuesFromArgs(fcinfo, &cv);
+	/* Its default is 100: only an explicit NULL gets here as NULL. */
+	if (cv.v[ARG_MAX_CALLS] == NULL)
+		cv.v[ARG_MAX_CALLS] = pstrdup(NO_CALL_LIMIT);
 	ValidateSettings(&cv);
 
 	if (LoadValues(cv.v[ARG_NAME], &existing, false))
@@ -572,6 +601,15 @@ ciflow_alter_connection(PG_FUNCTION_ARGS)
 	CiflowRefuseRestricted();
 	ValuesFromArgs(fcinfo, &changes);
 	CheckConnectionName(changes.v[ARG_NAME]);
+
+	/*
+	 * max_calls => NULL means no limit here too (the contract's words), so
+	 * its SQL default is ALTER_KEEPS_MAX_CALLS, which leaves it alone.
+	 */
+	if (changes.v[ARG_MAX_CALLS] == NULL)
+		changes.v[ARG_MAX_CALLS] = pstrdup(NO_CALL_LIMIT);
+	else if (strcmp(changes.v[ARG_MAX_CALLS], ALTER_KEEPS_MAX_CALLS) == 0)
+		changes.v[ARG_MAX_CALLS] = NULL;
 
 	RequireConnection(LoadValues(changes.v[ARG_NAME], &stored, true), changes.v[ARG_NAME]);
 	CheckOwner(changes.v[ARG_NAME], stored.owner, "alter");
@@ -737,7 +775,8 @@ CiflowGetConnection(const char *name)
 	conn->scope = cv.v[ARG_SCOPE];
 	conn->subscription_key = cv.v[ARG_SUBSCRIPTION_KEY];
 	conn->bearer_token = cv.v[ARG_BEARER_TOKEN];
-	conn->max_calls = atoi(cv.v[ARG_MAX_CALLS]);
+	conn->max_calls = strcmp(cv.v[ARG_MAX_CALLS], NO_CALL_LIMIT) == 0 ? 0 :
+		atoi(cv.v[ARG_MAX_CALLS]);
 	conn->per_interval_ms = IntervalMs(cv.v[ARG_PER_INTERVAL]);
 	conn->page_size = atoi(cv.v[ARG_PAGE_SIZE]);
 	conn->ca_file = cv.v[ARG_CA_FILE];

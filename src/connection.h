@@ -33,7 +33,7 @@ typedef struct CiflowConnection
 	char	   *subscription_key;
 	char	   *bearer_token;
 	char	   *ca_file;
-	int			max_calls;
+	int			max_calls;		/* 0: no client-side limit */
 	int64		per_interval_ms;
 	int			page_size;
 } CiflowConnection;

@@ -5,25 +5,37 @@
  *	  direct path; everything else goes through the type's input function,
  *	  so a value that does not fit raises the type's own error.
  *
- *	  Rules the service imposes: timestamps may carry 7 fractional digits
- *	  (truncated to microseconds, never rounded), decimals may come as
- *	  numbers or strings and are kept in their shortest round-trip form,
- *	  and a NUL character is refused rather than silently cut.
+ *	  Rules the services impose (A.1, A.7): timestamps and times of day may
+ *	  carry 7 fractional digits (truncated to microseconds, never rounded),
+ *	  and timestamps an offset (+02:00) instead of Z; Int64 and Decimal may
+ *	  come as numbers or strings (IEEE754Compatible) and decimals are kept
+ *	  in their shortest round-trip form; Edm.Duration is an ISO 8601
+ *	  duration, possibly negative (-P1D); Edm.Binary is base64 or base64url,
+ *	  padded or not; and a NUL character is refused rather than silently cut.
+ *
+ *	  Which PostgreSQL type an Edm type becomes is edm.c's table, not this
+ *	  file's; this file only converts to a given type.
  *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
 #include "catalog/pg_type.h"
+#include "common/base64.h"
 #include "common/shortest_dec.h"
 #include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "utils/builtins.h"
+#include "utils/datetime.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
 #include "utils/numeric.h"
 
+#include "ciflow.h"
 #include "convert.h"
+#include "edm.h"
+
+CIFLOW_SQL_FUNCTION(ciflow_edm_value);
 
 static void *
 JsonPalloc(size_t size)
@@ -148,6 +160,84 @@ TruncateFraction(char *s)
 	return s;
 }
 
+static void
+BadValue(const char *what, const char *s)
+{
+	ereport(ERROR,
+			(errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
+			 errmsg("invalid %s value: \"%.40s%s\"", what, s, strlen(s) > 40 ? "..." : "")));
+}
+
+/*
+ * Edm.Binary: base64 (RFC 4648 section 4) or base64url (section 5), with
+ * or without padding; OData's JSON format uses base64url, services send
+ * both.  Anything else is refused, never decoded partially.
+ */
+static Datum
+DecodeBinary(const char *s)
+{
+	size_t		len = strlen(s);
+	char	   *std = palloc(len + 4);
+	size_t		n = 0;
+	size_t		i;
+	int			decoded;
+	bytea	   *result;
+
+	for (i = 0; i < len; i++)
+	{
+		char		c = s[i];
+
+		if (c == '-')
+			c = '+';
+		else if (c == '_')
+			c = '/';
+		else if (c == '=')
+			break;
+		else if (!(isalnum((unsigned char) c) || c == '+' || c == '/'))
+			BadValue("Edm.Binary (base64 or base64url)", s);
+		std[n++] = c;
+	}
+	/* Only padding may follow the first '='. */
+	for (; i < len; i++)
+	{
+		if (s[i] != '=')
+			BadValue("Edm.Binary (base64 or base64url)", s);
+	}
+	if (n % 4 == 1 || n > (size_t) (PG_INT32_MAX / 2))
+		BadValue("Edm.Binary (base64 or base64url)", s);
+	while (n % 4 != 0)
+		std[n++] = '=';
+
+	result = palloc(VARHDRSZ + pg_b64_dec_len((int) n));
+	decoded = pg_b64_decode(std, (int) n, VARDATA(result), pg_b64_dec_len((int) n));
+	if (decoded < 0)
+		BadValue("Edm.Binary (base64 or base64url)", s);
+	SET_VARSIZE(result, VARHDRSZ + decoded);
+	pfree(std);
+	return PointerGetDatum(result);
+}
+
+/*
+ * Edm.Duration: PostgreSQL reads ISO 8601 durations ("P1DT2H3.5S") but not
+ * a leading minus, which OData allows ("-PT5M"): read the rest, negate.
+ */
+static Datum
+DecodeDuration(const CiflowConverter *conv, const char *s)
+{
+	Datum		d;
+
+	if (s[0] != '-' && s[0] != 'P')
+		BadValue("Edm.Duration (ISO 8601, e.g. P1DT2H)", s);
+	if (s[0] != '-')
+		return InputFunctionCall((FmgrInfo *) &conv->input, (char *) s,
+								 conv->ioparam, conv->typmod);
+	if (s[1] != 'P')
+		BadValue("Edm.Duration (ISO 8601, e.g. -PT5M)", s);
+	d = InputFunctionCall((FmgrInfo *) &conv->input, (char *) s + 1,
+						  conv->ioparam, conv->typmod);
+	return DirectFunctionCall1(interval_um, d);
+}
+
 Datum
 CiflowConvert(const CiflowConverter *conv, json_t *value, bool *isnull)
 {
@@ -192,11 +282,26 @@ CiflowConvert(const CiflowConverter *conv, json_t *value, bool *isnull)
 			break;
 		case JSONBOID:
 			return JsonbPGetDatum(CiflowJsonToJsonb(value));
+		case INT2OID:
+			if (json_is_integer(value) &&
+				json_integer_value(value) >= PG_INT16_MIN &&
+				json_integer_value(value) <= PG_INT16_MAX)
+				return Int16GetDatum((int16) json_integer_value(value));
+			break;
 		case TIMESTAMPTZOID:
+		case TIMEOID:
 			if (json_is_string(value))
 				return InputFunctionCall((FmgrInfo *) &conv->input,
 										 TruncateFraction(pstrdup(ScalarText(value))),
 										 conv->ioparam, conv->typmod);
+			break;
+		case INTERVALOID:
+			if (json_is_string(value))
+				return DecodeDuration(conv, ScalarText(value));
+			break;
+		case BYTEAOID:
+			if (json_is_string(value))
+				return DecodeBinary(ScalarText(value));
 			break;
 		default:
 			break;
@@ -305,4 +410,42 @@ CiflowJsonToJsonb(json_t *value)
 		result = pushJsonbValue(&state, WJB_END_ARRAY, NULL);
 	}
 	return JsonbValueToJsonb(result);
+}
+
+/*
+ * ciflow.edm_value(value jsonb, edm_type text): the value as a sync stores
+ * it in a column of edm_type (edm.c's map), as that column type's text.
+ * It lets users and tests see exactly how a service's value is read.
+ */
+Datum
+ciflow_edm_value(PG_FUNCTION_ARGS)
+{
+	Jsonb	   *jb;
+	char	   *edm;
+	char	   *json_text;
+	json_t	   *value;
+	json_error_t jerr;
+	CiflowConverter conv;
+	Oid			outfunc;
+	bool		isvarlena;
+	bool		isnull;
+	Datum		d;
+
+	if (PG_ARGISNULL(0) || PG_ARGISNULL(1))
+		PG_RETURN_NULL();
+	jb = PG_GETARG_JSONB_P(0);
+	edm = text_to_cstring(PG_GETARG_TEXT_PP(1));
+	json_text = JsonbToCString(NULL, &jb->root, VARSIZE(jb));
+	value = json_loads(json_text, JSON_DECODE_ANY | JSON_ALLOW_NUL, &jerr);
+	if (value == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("value cannot be read as the service's JSON: %s", jerr.text),
+				 errhint("Integers must fit in 64 bits, as on the wire.")));
+	CiflowConverterInit(&conv, CiflowEdmTypeOid(edm), -1, CurrentMemoryContext);
+	d = CiflowConvert(&conv, value, &isnull);
+	if (isnull)
+		PG_RETURN_NULL();
+	getTypeOutputInfo(conv.typid, &outfunc, &isvarlena);
+	PG_RETURN_TEXT_P(cstring_to_text(OidOutputFunctionCall(outfunc, d)));
 }

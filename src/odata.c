@@ -26,18 +26,27 @@ RequireInstance(const CiflowConnection *conn)
 						 conn->name)));
 }
 
-/* Every name in a path is one percent-encoded segment, never "..". */
-char *
-CiflowDataUrl(const CiflowConnection *conn, const char *entity)
+/*
+ * The OData root: Customer Insights serves OData under .../data/, the
+ * other flavours at base_url itself.
+ */
+static char *
+ODataRoot(const CiflowConnection *conn)
 {
 	if (conn->flavor == CIFLOW_FLAVOR_CUSTOMER_INSIGHTS)
 	{
 		RequireInstance(conn);
-		return psprintf("%s/instances/%s/data/%s", conn->base_url,
-						CiflowPathSegment(conn->instance_id, "instance_id"),
-						CiflowPathSegment(entity, "entity"));
+		return psprintf("%s/instances/%s/data", conn->base_url,
+						CiflowPathSegment(conn->instance_id, "instance_id"));
 	}
-	return psprintf("%s/%s", conn->base_url, CiflowPathSegment(entity, "entity"));
+	return pstrdup(conn->base_url);
+}
+
+/* Every name in a path is one percent-encoded segment, never "..". */
+char *
+CiflowDataUrl(const CiflowConnection *conn, const char *entity)
+{
+	return psprintf("%s/%s", ODataRoot(conn), CiflowPathSegment(entity, "entity"));
 }
 
 char *
@@ -56,6 +65,20 @@ CiflowEntitiesUrl(const CiflowConnection *conn, const char *entity)
 	return psprintf("%s/instances/%s/manage/entities/%s", conn->base_url,
 					CiflowPathSegment(conn->instance_id, "instance_id"),
 					CiflowPathSegment(entity, "entity"));
+}
+
+/* The service document is the root itself, with its trailing slash. */
+char *
+CiflowServiceDocumentUrl(const CiflowConnection *conn)
+{
+	return psprintf("%s/", ODataRoot(conn));
+}
+
+/* "$metadata" is OData's own fixed segment, not a name: it is not encoded. */
+char *
+CiflowMetadataUrl(const CiflowConnection *conn)
+{
+	return psprintf("%s/$metadata", ODataRoot(conn));
 }
 
 /* Option names go out literally ($top); values are percent-encoded. */

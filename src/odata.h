@@ -20,6 +20,13 @@ extern char *CiflowDataUrl(const CiflowConnection *conn, const char *entity);
 /* E2: all entities (entity NULL) or one entity's metadata. */
 extern char *CiflowEntitiesUrl(const CiflowConnection *conn, const char *entity);
 
+/*
+ * The OData service document (entity sets) and the CSDL $metadata of a
+ * connection: the OData root of its flavour, for every flavour.
+ */
+extern char *CiflowServiceDocumentUrl(const CiflowConnection *conn);
+extern char *CiflowMetadataUrl(const CiflowConnection *conn);
+
 /* Appends "name=value" (value percent-encoded) to a query, with '&' as needed. */
 extern void CiflowAppendQuery(StringInfo query, const char *name, const char *value);
 

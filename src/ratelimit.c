@@ -16,6 +16,12 @@
  *	  README says so).  Slots are keyed by connection name; with more
  *	  connections than slots, the least recently used slot is reused.
  *
+ *	  A connection with max_calls 0 (NULL in SQL) has no client-side limit:
+ *	  its calls take no slot.  The window of a slot holds at most
+ *	  CIFLOW_MAX_CALLS_LIMIT calls (one timestamp each, in shared memory);
+ *	  services that take more than that per interval enforce their own
+ *	  limit, and connections to them should have none.
+ *
  *	  This file only counts and waits; it never talks to the service.
  *
  *-------------------------------------------------------------------------
@@ -154,9 +160,12 @@ TryTakeSlot(LimiterSlot *slot, int max_calls, int64 interval_us, TimestampTz now
 void
 CiflowRateLimitAcquire(const CiflowConnection *conn)
 {
-	LimiterState *state = GetLimiter();
+	LimiterState *state;
 	int64		interval_us = conn->per_interval_ms * 1000;
 
+	if (conn->max_calls <= 0)
+		return;
+	state = GetLimiter();
 	for (;;)
 	{
 		int64		wait_us;

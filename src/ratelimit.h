@@ -11,7 +11,11 @@
 
 #include "connection.h"
 
-/* The largest max_calls a connection may have (the window's capacity). */
+/*
+ * The largest max_calls a connection may have: the capacity of the exact
+ * sliding window, one timestamp per call in shared memory (32 slots of
+ * 6000 take 1.5 MB).  Above it, have no client-side limit (max_calls NULL).
+ */
 #define CIFLOW_MAX_CALLS_LIMIT 6000
 
 /* From _PG_init, while shared_preload_libraries is processed. */

@@ -324,7 +324,8 @@ PerformAttempt(const CiflowRequest *req, CiflowTransfer *t, bool force_new_token
 		{
 			Assert(token_source != NULL);
 			token = token_source(conn, force_new_token, req->failmsg);
-			AddHeader(t, "Accept: application/json;odata.metadata=minimal;IEEE754Compatible=true");
+			AddHeader(t, req->accept ? psprintf("Accept: %s", req->accept) :
+					  "Accept: application/json;odata.metadata=minimal;IEEE754Compatible=true");
 			if (token != NULL)
 			{
 				auth_header = psprintf("Authorization: Bearer %s", token);
@@ -337,7 +338,10 @@ PerformAttempt(const CiflowRequest *req, CiflowTransfer *t, bool force_new_token
 				AddHeader(t, key_header);
 			}
 			if (conn->flavor == CIFLOW_FLAVOR_DATAVERSE)
+			{
 				AddHeader(t, "OData-Version: 4.0");
+				AddHeader(t, "OData-MaxVersion: 4.0");
+			}
 			if (req->prefer != NULL)
 				AddHeader(t, psprintf("Prefer: %s", req->prefer));
 		}

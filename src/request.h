@@ -30,6 +30,8 @@ typedef struct CiflowRequest
 	const char *body;			/* POST body, form-encoded */
 	bool		api_call;		/* send the bearer token and subscription key */
 	const char *prefer;			/* Prefer header value, or NULL */
+	const char *accept;			/* Accept header value of an API call, or NULL
+								 * for OData JSON (XML for $metadata) */
 	const char *failmsg;		/* primary message of any error (names
 								 * connection and entity) */
 	const char *detail_prefix;	/* e.g. "Token endpoint: ", or NULL */

@@ -642,6 +642,7 @@ class Entity:
         self.rows = rows if rows is not None else RowSet()
         self.segment = segment                  # name of the segment whose members these are
         self.change_tracking = True             # dataverse: odata.track-changes is honoured
+        self.base_entity = None                 # $metadata: the entity whose type this one derives from
         self.reset_tracking()
 
     # Change tracking (dataverse delta links): every row change after the floor is recorded
@@ -673,8 +674,11 @@ def normalize_attributes(attrs):
             a = {"name": a[0], "dataType": a[1]}
         if not isinstance(a, dict) or not isinstance(a.get("name"), str):
             raise BadRequest("an attribute needs a name: %r" % (a,))
-        out.append({"name": a["name"], "dataType": a.get("dataType", "Edm.String"),
-                    "searchProperties": a.get("searchProperties")})
+        attr = {"name": a["name"], "dataType": a.get("dataType", "Edm.String"),
+                "searchProperties": a.get("searchProperties")}
+        if "nullable" in a:                 # only $metadata shows it (Nullable="false")
+            attr["nullable"] = bool(a["nullable"])
+        out.append(attr)
     return out
 
 
@@ -1733,6 +1737,7 @@ def build_entity(spec, clock, base_dir=None, existing=None):
                  refresh, spec.get("entitySet", existing.entity_set if existing else None),
                  existing.rows if existing else None)
     ent.change_tracking = bool(spec.get("changeTracking", existing.change_tracking if existing else True))
+    ent.base_entity = spec.get("baseEntity", existing.base_entity if existing else None)
     if "rows" in spec or "ndjson" in spec or gen is not None:
         ent.rows = RowSet([p for p in [rows_part(ent, spec, base_dir)] if p is not None])
     elif existing is not None:
@@ -2795,6 +2800,93 @@ def entity_size(state, ent, rowset):
 # ApiError.  JSON shapes follow part A of the contract.
 # --------------------------------------------------------------------------------------------
 
+# --------------------------------------------------------------------------------------------
+# CSDL $metadata (A.7, C.7): built from the instance's entities.  customer_insights names its
+# types by namespace, dataverse by its alias (mscrm), so that readers must resolve both.  An
+# attribute's dataType that is neither Edm.* nor Collection(...) is a complex type of the
+# schema (declared open, with no properties of its own).  "baseEntity" in an entity's spec
+# makes its type derive from that entity's type: the attributes the base has are declared
+# there only, and so is the key.  Dataverse types all derive, at the root, from the abstract
+# mscrm.crmbaseentity, and each lookup _x_value has a navigation property x.
+# --------------------------------------------------------------------------------------------
+
+CSDL_NS = {"customer_insights": ("Microsoft.Dynamics.CI", "ci"),
+           "dataverse": ("Microsoft.Dynamics.CRM", "mscrm")}
+
+
+def csdl_type_name(ent, flavor):
+    return ent.name.lower() if flavor == "dataverse" else ent.name
+
+
+def csdl_document(inst, flavor):
+    from xml.sax.saxutils import quoteattr as q
+    namespace, alias = CSDL_NS[flavor]
+    ref = alias if flavor == "dataverse" else namespace     # how types are named in the document
+    ents = list(inst.entities.values())
+    by_name = {e.name: e for e in ents}
+    complex_types, out = [], []
+
+    def type_ref(dtype):
+        inner = dtype[11:-1] if dtype.startswith("Collection(") and dtype.endswith(")") else dtype
+        if inner.startswith("Edm.") or "." in inner:
+            return dtype
+        if inner not in complex_types:
+            complex_types.append(inner)
+        return dtype.replace(inner, "%s.%s" % (ref, inner))
+
+    for ent in ents:
+        base = by_name.get(getattr(ent, "base_entity", None) or "")
+        base_attrs = set(base.types) if base is not None else set()
+        head = "<EntityType Name=%s" % q(csdl_type_name(ent, flavor))
+        if base is not None:
+            head += " BaseType=%s" % q("%s.%s" % (ref, csdl_type_name(base, flavor)))
+        elif flavor == "dataverse":
+            head += " BaseType=%s" % q(ref + ".crmbaseentity")
+        out.append(head + ">")
+        if base is None and ent.keys:
+            out.append("<Key>%s</Key>" % "".join("<PropertyRef Name=%s/>" % q(k) for k in ent.keys[0]))
+        keyset = set(ent.keys[0]) if ent.keys else set()
+        for a in ent.attributes:
+            if a["name"] in base_attrs:
+                continue
+            prop = "<Property Name=%s Type=%s" % (q(a["name"]), q(type_ref(a["dataType"])))
+            if a["name"] in keyset or a.get("nullable") is False:
+                prop += ' Nullable="false"'
+            out.append(prop + "/>")
+        for a in ent.attributes:
+            m = re.fullmatch(r"_(\w+)_value", a["name"])
+            if flavor == "dataverse" and m and a["name"] not in base_attrs:
+                out.append("<NavigationProperty Name=%s Type=%s/>" % (q(m.group(1)),
+                                                                      q(ref + ".crmbaseentity")))
+        if flavor == "customer_insights" and ent.entity_type == "profile" and ent.key_attr:
+            for rel in ents:
+                if rel is not ent and ent.key_attr in rel.types:
+                    out.append("<NavigationProperty Name=%s Type=%s/>"
+                               % (q(rel.name), q("Collection(%s.%s)" % (ref, rel.name))))
+        out.append("</EntityType>")
+    if flavor == "dataverse":
+        out.insert(0, '<EntityType Name="crmbaseentity" Abstract="true"/>')
+    for c in complex_types:
+        out.append('<ComplexType Name=%s OpenType="true"/>' % q(c))
+    container = ["<EntityContainer Name=%s>" % q("System" if flavor == "dataverse" else "Data")]
+    for ent in ents:
+        container.append("<EntitySet Name=%s EntityType=%s/>"
+                         % (q(ent.entity_set if flavor == "dataverse" else ent.name),
+                            q("%s.%s" % (ref, csdl_type_name(ent, flavor)))))
+    container.append("</EntityContainer>")
+    return ('<?xml version="1.0" encoding="utf-8"?>\n'
+            '<edmx:Edmx Version="4.0" xmlns:edmx="http://docs.oasis-open.org/odata/ns/edmx">'
+            '<edmx:DataServices>'
+            '<Schema Namespace=%s Alias=%s xmlns="http://docs.oasis-open.org/odata/ns/edm">%s%s'
+            '</Schema></edmx:DataServices></edmx:Edmx>\n'
+            % (q(namespace), q(alias), "\n".join(out), "\n".join(container)))
+
+
+def csdl_reply(inst, flavor):
+    return Reply(200, to_bytes(csdl_document(inst, flavor)), "application/xml; charset=utf-8",
+                 [("OData-Version", "4.0")])
+
+
 class Api:
     def __init__(self, ctx):
         self.ctx = ctx
@@ -3177,6 +3269,19 @@ class Api:
                                 "value": [{"name": e.entity_set, "kind": "EntitySet", "url": e.entity_set}
                                           for e in inst.entities.values()]})
 
+    def dv_metadata(self):
+        return csdl_reply(self.state.instance(), "dataverse")
+
+    def ci_service(self, i):
+        inst = self.state.instance(i)
+        return json_reply(200, {"@odata.context": "%s%s/instances/%s/data/$metadata"
+                                % (self.ctx.root, CI_PREFIX, inst.id),
+                                "value": [{"name": e.name, "kind": "EntitySet", "url": e.name}
+                                          for e in inst.entities.values()]})
+
+    def ci_metadata(self, i):
+        return csdl_reply(self.state.instance(i), "customer_insights")
+
     def dv_data(self, entity_set):
         self.ctx.error_kind = "odata"
         inst = self.state.instance()
@@ -3197,7 +3302,9 @@ for _t in ("entities", "tables"):                        # /manage/tables is an 
     ROUTES += [("ci", "GET", "v1/instances/{i}/manage/%s" % _t, "entities", "api"),
                ("ci", "GET", "v1/instances/{i}/manage/%s/{n}" % _t, "entity", "api"),
                ("ci", "GET", "v1/instances/{i}/manage/%s/{n}/entitysize" % _t, "entitysize", "api")]
-ROUTES += [("ci", "GET", "v1/instances/{i}/data/{e}", "data", "api"),
+ROUTES += [("ci", "GET", "v1/instances/{i}/data", "ci_service", "api"),
+           ("ci", "GET", "v1/instances/{i}/data/$metadata", "ci_metadata", "api"),
+           ("ci", "GET", "v1/instances/{i}/data/{e}", "data", "api"),
            ("ci", "POST", "v1/instances/{i}/data/{e}", "write", "api"),
            ("ci", "PATCH", "v1/instances/{i}/data/{e}/{k}", "patch", "api"),
            ("ci", "GET", "v1/instances/{i}/manage/datasources", "datasources", "api"),
@@ -3214,6 +3321,7 @@ for _w in _WF:
                ("ci", "POST", "v1/instances/{i}/%s/jobs/{j}/cancel" % _w, "cancel", "api"),
                ("ci", "GET", "v1/instances/{i}/%s/status" % _w, "status", "api")]
 ROUTES += [("dv", "GET", "api/data/v9.2", "dv_service", "api"),
+           ("dv", "GET", "api/data/v9.2/$metadata", "dv_metadata", "api"),
            ("dv", "GET", "api/data/v9.2/{s}", "dv_data", "api"),
            ("any", "POST", "{t}/oauth2/v2.0/token", "token", "token"),
            ("any", "GET", "_files/{i}/{e}/{p}", "file", "files")]
@@ -3759,7 +3867,8 @@ def entity_stats(state, ent, rowset):
 # HTTP: one ThreadingHTTPServer, HTTP/1.1 keep-alive, optional TLS
 # --------------------------------------------------------------------------------------------
 
-_ODATA_ROUTES = {"data", "write", "patch", "dv_data", "dv_service"}
+_ODATA_ROUTES = {"data", "write", "patch", "dv_data", "dv_service", "dv_metadata", "ci_service",
+                 "ci_metadata"}
 # Handlers that work on immutable RowSet snapshots and may take long (sorting, CSV): they run
 # without the state lock so one big request does not stall every other client.
 _SNAPSHOT_ROUTES = {"data", "dv_data", "file", "entitysize"}

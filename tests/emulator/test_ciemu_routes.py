@@ -67,7 +67,7 @@ def test_unknown_entity_and_instance(emu):
 
 @pytest.mark.parametrize("method,path", [("GET", "/v1/nothing"), ("GET", "/v2/instances"),
                                          ("DELETE", "/v1/instances"), ("GET", "/"),
-                                         ("PUT", V1 + "/data/Customer"), ("GET", V1 + "/data/")])
+                                         ("PUT", V1 + "/data/Customer"), ("POST", V1 + "/data/")])
 def test_unknown_routes_are_gateway_404_before_any_check(emu, method, path):
     r = call(emu, method, path, auth=False)      # no key, no token: the route check comes first
     assert r.status == 404
