@@ -438,3 +438,159 @@ AS 'MODULE_PATHNAME', 'ciflow_alter_connection';
 REVOKE ALL ON FUNCTION ciflow.edm_type(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION ciflow.edm_value(jsonb, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION ciflow.describe_entity(text, text) FROM PUBLIC;
+
+-- ---------------------------------------------------------------------
+-- 0.2 (worker): jobs that the launcher background worker runs.
+-- ---------------------------------------------------------------------
+
+/*
+ * One row per job.  Written only by ciflow's C code, as the extension's
+ * owner; a role sees (through ciflow.jobs) the jobs it owns.  The launcher
+ * keeps the run bookkeeping here: the last run, the consecutive failures,
+ * when the job next runs, and for on_event jobs the id of the last event
+ * of ciflow.events it has acted on.
+ */
+CREATE TABLE ciflow.job_definitions (
+    id                   bigserial PRIMARY KEY,
+    kind                 text NOT NULL CHECK (kind IN ('sync', 'watch')),
+    connection           text NOT NULL,
+    entity               text,
+    target_schema        text,
+    target_table         text,
+    mode                 text NOT NULL DEFAULT 'full' CHECK (mode IN ('full', 'incremental')),
+    every                interval CHECK (every > interval '0'),
+    cron                 text,
+    on_event             text,
+    on_subject           text,
+    owner                oid NOT NULL,
+    enabled              boolean NOT NULL DEFAULT true,
+    event_cursor         bigint NOT NULL DEFAULT 0,
+    last_run_id          bigint,
+    last_status          text CHECK (last_status IN ('running', 'succeeded', 'failed')),
+    last_started_at      timestamptz,
+    last_finished_at     timestamptz,
+    last_error           text,
+    consecutive_failures integer NOT NULL DEFAULT 0,
+    next_run_at          timestamptz,
+    created_at           timestamptz NOT NULL DEFAULT clock_timestamp(),
+    CHECK (num_nonnulls(every, cron, on_event) = 1),
+    CHECK (kind = 'watch' OR entity IS NOT NULL),
+    CHECK (kind = 'sync' OR on_event IS NULL)
+);
+SELECT pg_catalog.pg_extension_config_dump('ciflow.job_definitions', '');
+SELECT pg_catalog.pg_extension_config_dump('ciflow.job_definitions_id_seq', '');
+ALTER TABLE ciflow.job_definitions ENABLE ROW LEVEL SECURITY;
+CREATE POLICY job_definitions_visible ON ciflow.job_definitions FOR SELECT
+    USING (pg_catalog.pg_has_role(current_user, owner, 'USAGE'));
+
+-- The launcher's retention trim finds old runs through this index.
+CREATE INDEX sync_runs_finished_at ON ciflow.sync_runs (finished_at)
+    WHERE status <> 'running';
+
+/*
+ * Not security_invoker: a role granted SELECT on the view sees the jobs of
+ * the roles whose rights it has (superusers every job), without a grant on
+ * the table.
+ */
+CREATE VIEW ciflow.jobs AS
+    SELECT j.id, j.kind, j.connection, j.entity,
+           CASE WHEN j.target_table IS NOT NULL
+                THEN pg_catalog.quote_ident(j.target_schema) OPERATOR(pg_catalog.||) '.'
+                     OPERATOR(pg_catalog.||) pg_catalog.quote_ident(j.target_table) END AS target,
+           CASE WHEN j.kind = 'sync' THEN j.mode END AS mode,
+           CASE WHEN j.every IS NOT NULL THEN 'every ' OPERATOR(pg_catalog.||) j.every::text
+                WHEN j.cron IS NOT NULL THEN j.cron
+                ELSE 'on_event ' OPERATOR(pg_catalog.||) j.on_event
+                     OPERATOR(pg_catalog.||) coalesce(' (' OPERATOR(pg_catalog.||) j.on_subject
+                                                      OPERATOR(pg_catalog.||) ')', '') END AS schedule,
+           j.enabled,
+           coalesce(r.rolname, 'unknown (OID=' OPERATOR(pg_catalog.||) j.owner::text
+                    OPERATOR(pg_catalog.||) ')') AS owner,
+           j.last_run_id, j.last_status, j.last_started_at, j.last_finished_at,
+           j.consecutive_failures, j.next_run_at, j.last_error, j.event_cursor
+      FROM ciflow.job_definitions j
+      LEFT JOIN pg_catalog.pg_roles r ON r.oid = j.owner
+     WHERE pg_catalog.pg_has_role(current_user, j.owner, 'USAGE')
+        OR EXISTS (SELECT 1 FROM pg_catalog.pg_roles s
+                    WHERE s.rolname = current_user AND s.rolsuper);
+
+CREATE FUNCTION ciflow.schedule_sync(
+    connection text,
+    entity     text,
+    every      interval DEFAULT NULL,
+    cron       text DEFAULT NULL,
+    on_event   text DEFAULT NULL,
+    subject    text DEFAULT NULL,
+    mode       text DEFAULT 'full',
+    target     text DEFAULT NULL)
+RETURNS bigint
+LANGUAGE C CALLED ON NULL INPUT VOLATILE
+AS 'MODULE_PATHNAME', 'ciflow_schedule_sync';
+
+CREATE FUNCTION ciflow.watch(
+    connection text,
+    every      interval DEFAULT NULL,
+    cron       text DEFAULT NULL)
+RETURNS bigint
+LANGUAGE C CALLED ON NULL INPUT VOLATILE
+AS 'MODULE_PATHNAME', 'ciflow_watch';
+
+CREATE FUNCTION ciflow.unschedule(job_id bigint)
+RETURNS boolean
+LANGUAGE C STRICT VOLATILE
+AS 'MODULE_PATHNAME', 'ciflow_unschedule';
+
+CREATE FUNCTION ciflow.alter_job(
+    job_id  bigint,
+    enabled boolean DEFAULT NULL,
+    every   interval DEFAULT NULL,
+    cron    text DEFAULT NULL)
+RETURNS void
+LANGUAGE C CALLED ON NULL INPUT VOLATILE
+AS 'MODULE_PATHNAME', 'ciflow_alter_job';
+
+CREATE FUNCTION ciflow.worker_status(
+    OUT state text, OUT pid integer, OUT database text, OUT started_at timestamptz,
+    OUT max_concurrent_jobs integer, OUT running integer, OUT children jsonb,
+    OUT last_error text, OUT last_error_at timestamptz)
+RETURNS record
+LANGUAGE C STRICT VOLATILE
+AS 'MODULE_PATHNAME', 'ciflow_worker_status';
+
+/* A sync_progress row is a run whose process still exists. */
+CREATE OR REPLACE VIEW ciflow.sync_progress WITH (security_invoker = true) AS
+    SELECT r.id AS run_id, r.connection, r.entity, r.target, r.pages, r.rows,
+           r.rows_expected, r.api_calls AS calls,
+           coalesce(a.wait_event_type = 'Extension', false) AS waiting,
+           r.started_at, clock_timestamp() - r.started_at AS elapsed
+      FROM ciflow.sync_runs r
+      JOIN pg_catalog.pg_stat_activity a
+        ON a.pid = r.pid AND a.backend_type = 'ciflow sync'
+     WHERE r.status = 'running';
+
+REVOKE ALL ON ciflow.job_definitions, ciflow.jobs FROM PUBLIC;
+REVOKE ALL ON SEQUENCE ciflow.job_definitions_id_seq FROM PUBLIC;
+REVOKE ALL ON FUNCTION ciflow.schedule_sync(text, text, interval, text, text, text, text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION ciflow.watch(text, interval, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION ciflow.unschedule(bigint) FROM PUBLIC;
+REVOKE ALL ON FUNCTION ciflow.alter_job(bigint, boolean, interval, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION ciflow.worker_status() FROM PUBLIC;
+
+COMMENT ON TABLE ciflow.job_definitions IS
+    'Scheduled syncs and watches run by the launcher (read ciflow.jobs; written by ciflow''s functions only)';
+COMMENT ON INDEX ciflow.sync_runs_finished_at IS
+    'Finds the runs older than ciflow.run_retention for the launcher''s batched trim';
+COMMENT ON POLICY job_definitions_visible ON ciflow.job_definitions IS
+    'A role sees the jobs of the roles whose rights it has';
+COMMENT ON VIEW ciflow.jobs IS
+    'What runs when: each job''s schedule, owner, last run and next run';
+COMMENT ON FUNCTION ciflow.schedule_sync(text, text, interval, text, text, text, text, text) IS
+    'Schedules a sync of an entity (every, cron or on_event); returns the job id';
+COMMENT ON FUNCTION ciflow.watch(text, interval, text) IS
+    'Schedules monitoring passes (ciflow.poll) of a connection; returns the job id';
+COMMENT ON FUNCTION ciflow.unschedule(bigint) IS
+    'Removes a job; true if it existed';
+COMMENT ON FUNCTION ciflow.alter_job(bigint, boolean, interval, text) IS
+    'Pauses, resumes or reschedules a job';
+COMMENT ON FUNCTION ciflow.worker_status() IS
+    'The launcher''s state, its running children and its last error';

@@ -19,6 +19,7 @@
 #include "auth.h"
 #include "ciflow.h"
 #include "convert.h"
+#include "launcher.h"
 #include "ratelimit.h"
 
 PG_MODULE_MAGIC;
@@ -27,6 +28,7 @@ PGDLLEXPORT void _PG_init(void);
 
 /* Filled in by the GUCs below: their boot values are the defaults. */
 CiflowSettings ciflow_settings;
+char	   *ciflow_database = NULL;
 
 void
 _PG_init(void)
@@ -98,11 +100,48 @@ _PG_init(void)
 							PGC_SUSET, GUC_UNIT_S,
 							NULL, NULL, NULL);
 
+	/*
+	 * The launcher (launcher.c).  Its database is fixed at server start,
+	 * and exists only then: a library loaded later may not define it.
+	 */
+	if (process_shared_preload_libraries_in_progress)
+		DefineCustomStringVariable("ciflow.database",
+								   "Database in which the launcher runs ciflow's jobs.",
+								   "One launcher per cluster; its database must hold the extension.",
+								   &ciflow_database,
+								   "postgres",
+								   PGC_POSTMASTER, 0,
+								   NULL, NULL, NULL);
+	DefineCustomIntVariable("ciflow.max_concurrent_jobs",
+							"Most job runs (each a background worker) the launcher runs at once.",
+							"Each takes a slot of max_worker_processes.",
+							&ciflow_settings.max_concurrent_jobs,
+							4, 1, 64,
+							PGC_SIGHUP, 0,
+							NULL, NULL, NULL);
+	DefineCustomIntVariable("ciflow.max_backoff",
+							"Longest delay before a failing job runs again.",
+							"A failing job waits twice as long after each failure (with jitter), up to this.",
+							&ciflow_settings.max_backoff_s,
+							3600, 1, INT_MAX,
+							PGC_SIGHUP, GUC_UNIT_S,
+							NULL, NULL, NULL);
+	DefineCustomIntVariable("ciflow.run_retention",
+							"How long finished rows of ciflow.sync_runs are kept.",
+							"The launcher deletes older ones, except each target's last successful run.",
+							&ciflow_settings.run_retention_s,
+							30 * 24 * 3600, 1, INT_MAX,
+							PGC_SIGHUP, GUC_UNIT_S,
+							NULL, NULL, NULL);
+
 	MarkGUCPrefixReserved("ciflow");
 
 	CiflowJsonUsepalloc();
 	CiflowAuthInit();
 	CiflowRateLimitInit();
+	CiflowLauncherInit();
+	if (process_shared_preload_libraries_in_progress)
+		CiflowLauncherRegister();
 }
 
 void

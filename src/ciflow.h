@@ -26,9 +26,15 @@ typedef struct CiflowSettings
 	int			max_retry_after_s;
 	int			max_pages;
 	int			event_retention_s;	/* ciflow.events rows older than this go */
+	int			run_retention_s;	/* ciflow.sync_runs rows older than this go */
+	int			max_concurrent_jobs;	/* the launcher's children at once */
+	int			max_backoff_s;	/* longest back-off of a failing job */
 } CiflowSettings;
 
 extern CiflowSettings ciflow_settings;
+
+/* ciflow.database: where the launcher runs jobs. */
+extern char *ciflow_database;
 
 /*
  * Declares a SQL-callable function.  The library is built with hidden

@@ -30,6 +30,7 @@
 #include "catalog.h"
 #include "ciflow.h"
 #include "events.h"
+#include "launcher.h"
 
 CIFLOW_SQL_FUNCTION(ciflow_trim_events);
 
@@ -249,6 +250,7 @@ CiflowEventInsert(const CiflowEvent *ev, TupleDesc *desc)
 	note = NotificationPayload(ev, id);
 	Notify("ciflow_events", note);
 	Notify(psprintf("ciflow_%s", ev->kind), note);
+	CiflowLauncherWakeAtCommit();	/* on_event jobs */
 	return tup;
 }
 

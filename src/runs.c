@@ -217,24 +217,17 @@ CiflowRunSetStaging(int64 run_id, Oid staging_relid)
 								OidIsValid(staging_relid) ? "  " : " n", NULL, NULL);
 }
 
-List *
-CiflowRunAbandonedStaging(const char *target, int64 current_run)
+/* The first column of tup, an oid[] (NULL: none), as a List of Oids. */
+static List *
+OidArrayColumn(HeapTuple tup, TupleDesc desc)
 {
-	Datum		values[2];
-	HeapTuple	tup;
-	TupleDesc	desc;
 	bool		isnull;
-	Datum		d;
+	Datum		d = heap_getattr(tup, 1, desc, &isnull);
 	Datum	   *elems;
 	int			nelems;
 	List	   *result = NIL;
 	int			i;
 
-	values[0] = CStringGetTextDatum(target);
-	values[1] = Int64GetDatum(current_run);
-	if (CiflowCatalogExecute(&abandoned_staging, values, NULL, &tup, &desc) == 0)
-		return NIL;
-	d = heap_getattr(tup, 1, desc, &isnull);
 	if (isnull)
 		return NIL;
 	deconstruct_array(DatumGetArrayTypeP(d), OIDOID, sizeof(Oid), true,
@@ -244,6 +237,20 @@ CiflowRunAbandonedStaging(const char *target, int64 current_run)
 	return result;
 }
 
+List *
+CiflowRunAbandonedStaging(const char *target, int64 current_run)
+{
+	Datum		values[2];
+	HeapTuple	tup;
+	TupleDesc	desc;
+
+	values[0] = CStringGetTextDatum(target);
+	values[1] = Int64GetDatum(current_run);
+	if (CiflowCatalogExecute(&abandoned_staging, values, NULL, &tup, &desc) == 0)
+		return NIL;
+	return OidArrayColumn(tup, desc);
+}
+
 bool
 CiflowRunTargetFilled(const char *target)
 {
@@ -251,4 +258,61 @@ CiflowRunTargetFilled(const char *target)
 
 	values[0] = CStringGetTextDatum(target);
 	return CiflowCatalogExecute(&target_filled, values, NULL, NULL, NULL) > 0;
+}
+
+/*
+ * At the launcher's start: every run left 'running' whose process is gone
+ * (a crash, a restart) is failed, whatever its target; returns the
+ * staging heaps those runs recorded, for CiflowSweepStaging.
+ */
+static CiflowCatalogStatement fail_interrupted = {
+	.sql = "WITH failed AS (UPDATE ciflow.sync_runs r SET status = 'failed',"
+	" finished_at = pg_catalog.clock_timestamp(),"
+	" error = 'interrupted by a server crash or restart'"
+	" WHERE r.status OPERATOR(pg_catalog.=) 'running' AND NOT EXISTS"
+	" (SELECT 1 FROM pg_catalog.pg_stat_get_activity(NULL::pg_catalog.int4) a"
+	"  WHERE a.pid OPERATOR(pg_catalog.=) r.pid)"
+	" RETURNING r.staging_relid)"
+	" SELECT pg_catalog.array_agg(staging_relid) FROM failed WHERE staging_relid IS NOT NULL",
+	.nargs = 0
+};
+
+List *
+CiflowRunFailInterrupted(void)
+{
+	HeapTuple	tup;
+	TupleDesc	desc;
+
+	if (CiflowCatalogExecute(&fail_interrupted, NULL, NULL, &tup, &desc) == 0 || tup == NULL)
+		return NIL;
+	return OidArrayColumn(tup, desc);
+}
+
+/* One batch of finished runs older than the retention, found by index. */
+static CiflowCatalogStatement trim_runs = {
+	.sql = "DELETE FROM ciflow.sync_runs WHERE id OPERATOR(pg_catalog.=) ANY (ARRAY("
+	" SELECT id FROM ciflow.sync_runs"
+	" WHERE status OPERATOR(pg_catalog.<>) 'running'"
+	" AND finished_at OPERATOR(pg_catalog.<) (pg_catalog.clock_timestamp()"
+	" OPERATOR(pg_catalog.-) pg_catalog.make_interval(secs => $1))"
+	" ORDER BY finished_at LIMIT $2))"
+	" AND id OPERATOR(pg_catalog.<>) ALL (ARRAY("
+	" SELECT DISTINCT ON (target) id FROM ciflow.sync_runs"
+	" WHERE status OPERATOR(pg_catalog.=) 'succeeded' ORDER BY target, id DESC))"
+	" AND id OPERATOR(pg_catalog.<>) ALL (ARRAY("
+	" SELECT DISTINCT ON (target) id FROM ciflow.sync_runs"
+	" WHERE status OPERATOR(pg_catalog.=) 'succeeded' AND watermark IS NOT NULL"
+	" ORDER BY target, id DESC))",
+	.nargs = 2,
+	.types = {FLOAT8OID, INT4OID}
+};
+
+int64
+CiflowRunTrim(int retention_s, int batch)
+{
+	Datum		values[2];
+
+	values[0] = Float8GetDatum((double) retention_s);
+	values[1] = Int32GetDatum(batch);
+	return (int64) CiflowCatalogExecute(&trim_runs, values, NULL, NULL, NULL);
 }

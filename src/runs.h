@@ -53,4 +53,16 @@ extern List *CiflowRunAbandonedStaging(const char *target, int64 current_run);
 /* Whether some run into this target has succeeded (it is ciflow's to fill). */
 extern bool CiflowRunTargetFilled(const char *target);
 
+/*
+ * Fails every run left 'running' by a process that is gone; returns the
+ * staging heaps they recorded (the launcher, at its start).
+ */
+extern List *CiflowRunFailInterrupted(void);
+
+/*
+ * Deletes up to batch finished runs older than retention_s (never the run
+ * that holds a target's watermark); returns how many went.
+ */
+extern int64 CiflowRunTrim(int retention_s, int batch);
+
 #endif							/* CIFLOW_RUNS_H */

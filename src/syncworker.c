@@ -22,6 +22,14 @@
  *	  (synchronous_commit off in the worker); the worker flushes the WAL of
  *	  its last commit before it reports.
  *
+ *	  The launcher (launcher.c) starts the same worker for a run of a job
+ *	  (CiflowStartJobWorker): a sync, or a monitoring pass for a watch, as
+ *	  the job's owner.  No one waits for such a run: the segment has no
+ *	  queue, the worker's messages go to the server log, and the run
+ *	  records its outcome in the job's row (jobs.c) besides its run row.
+ *	  This file owns the worker and its segment; it does not decide when
+ *	  jobs run (launcher.c) nor what a run writes (sync.c, monitor.c).
+ *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
@@ -48,11 +56,15 @@
 #include "utils/guc.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
+#include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
 #include "ciflow.h"
 #include "connection.h"
+#include "jobs.h"
+#include "monitor.h"
 #include "sync.h"
+#include "syncworker.h"
 #include "target.h"
 
 CIFLOW_SQL_FUNCTION(ciflow_sync);
@@ -86,13 +98,18 @@ typedef struct SyncShared
 	bool		adopt;			/* may fill a table no run has filled */
 	CiflowSettings settings;
 
+	/* a run of a job (no caller waits): its id, 0 for ciflow.sync */
+	int64		job_id;
+	int64		event_id;		/* on_event jobs: the event it answers */
+	bool		watch;			/* a monitoring pass, not a sync */
+
 	/* written by the worker; its error comes through the queue */
 	bool		finished;
 	bool		failed;
 	CiflowRunState run;			/* its pointers are the worker's: unusable */
 	char		watermark[8192];	/* run.watermark's text, "" for none */
 
-	Size		queue_offset;	/* the shm_mq, after the strings */
+	Size		queue_offset;	/* the shm_mq, after the strings; 0: none */
 	int			offsets[NUM_SYNC_STRINGS];	/* -1 for NULL */
 	char		strings[FLEXIBLE_ARRAY_MEMBER];
 } SyncShared;
@@ -140,6 +157,98 @@ SendErrorToCaller(ErrorData *edata)
 	PG_END_TRY();
 }
 
+/* Runs step in a transaction of its own, with a snapshot. */
+static void
+InTransaction(void (*step) (SyncShared *sh, void *arg), SyncShared *sh, void *arg)
+{
+	StartTransactionCommand();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	step(sh, arg);
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+}
+
+static void
+BeginJob(SyncShared *sh, void *arg)
+{
+	bool	   *found_and_owner = (bool *) arg;
+
+	found_and_owner[0] = CiflowJobBegin(sh->job_id, sh->event_id, &found_and_owner[1]);
+}
+
+static void
+WatchPass(SyncShared *sh, void *arg)
+{
+	TupleDesc	desc;
+
+	(void) sh;
+	(void) CiflowMonitorPass(((CiflowSyncArgs *) arg)->connection, &desc);
+}
+
+static void
+EndJob(SyncShared *sh, void *arg)
+{
+	CiflowJobEnd(sh->job_id, sh->run.run_id, arg == NULL, (const char *) arg);
+}
+
+/*
+ * One run of a job: the job is marked running (its event cursor moved past
+ * the event it answers), then the sync or the pass runs as the job's
+ * owner, who can do no more than that role can (SET ROLE is refused, as in
+ * a SECURITY DEFINER function), then the outcome goes into the job's row.
+ * An owner dropped since is the run's error.
+ */
+static void
+RunJob(SyncShared *sh, CiflowSyncArgs *args)
+{
+	bool		found_and_owner[2] = {false, false};
+	char	   *volatile error = NULL;
+
+	pgstat_report_activity(STATE_RUNNING,
+						   sh->watch ? psprintf("ciflow job " INT64_FORMAT ": watch of %s",
+												sh->job_id, args->connection) :
+						   psprintf("ciflow job " INT64_FORMAT ": sync of %s from %s",
+									sh->job_id, args->entity, args->connection));
+	InTransaction(BeginJob, sh, found_and_owner);
+	if (!found_and_owner[0])
+		return;					/* unscheduled since */
+	if (!found_and_owner[1])
+		error = psprintf("the role (OID %u) that scheduled ciflow job " INT64_FORMAT " no longer exists",
+						 sh->userid, sh->job_id);
+	else
+	{
+		Oid			save_userid;
+		int			save_sec_context;
+
+		GetUserIdAndSecContext(&save_userid, &save_sec_context);
+		SetUserIdAndSecContext(sh->userid, save_sec_context | SECURITY_LOCAL_USERID_CHANGE);
+		PG_TRY();
+		{
+			if (sh->watch)
+				InTransaction(WatchPass, sh, args);
+			else
+				CiflowSyncExecute(args, &sh->run);
+		}
+		PG_CATCH();
+		{
+			ErrorData  *edata;
+
+			MemoryContextSwitchTo(TopMemoryContext);
+			edata = CopyErrorData();
+			FlushErrorState();
+			AbortCurrentTransaction();
+			error = edata->detail ? psprintf("%s: %s", edata->message, edata->detail) :
+				pstrdup(edata->message);
+			ereport(LOG,
+					(errmsg("ciflow job " INT64_FORMAT " failed: %s", sh->job_id, edata->message),
+					 edata->detail ? errdetail_internal("%s", edata->detail) : 0));
+		}
+		PG_END_TRY();
+		SetUserIdAndSecContext(save_userid, save_sec_context);
+	}
+	InTransaction(EndJob, sh, error);
+}
+
 void
 ciflow_sync_worker_main(Datum main_arg)
 {
@@ -163,16 +272,22 @@ ciflow_sync_worker_main(Datum main_arg)
 				 errmsg("ciflow sync worker: bad shared memory segment")));
 
 	/* From here on, what the worker reports goes to the caller. */
-	mq = (shm_mq *) ((char *) sh + sh->queue_offset);
-	shm_mq_set_sender(mq, MyProc);
-	pq_redirect_to_shm_mq(seg, shm_mq_attach(mq, seg, NULL));
+	if (sh->queue_offset != 0)
+	{
+		mq = (shm_mq *) ((char *) sh + sh->queue_offset);
+		shm_mq_set_sender(mq, MyProc);
+		pq_redirect_to_shm_mq(seg, shm_mq_attach(mq, seg, NULL));
+	}
 
 	/*
 	 * Connect as the role that logged in (it may log in), then act as the
 	 * caller's current role, which may be a NOLOGIN role taken by SET ROLE.
+	 * A job's run connects without a role and acts as the job's owner once
+	 * it has checked that the owner still exists (RunJob).
 	 */
 	BackgroundWorkerInitializeConnectionByOid(sh->dbid, sh->login_userid, 0);
-	SetUserIdAndSecContext(sh->userid, 0);
+	if (sh->job_id == 0)
+		SetUserIdAndSecContext(sh->userid, 0);
 	ciflow_settings = sh->settings;
 
 	/*
@@ -190,7 +305,18 @@ ciflow_sync_worker_main(Datum main_arg)
 	args.mode = SharedString(sh, STR_MODE);
 	args.publish = SharedString(sh, STR_PUBLISH);
 	args.adopt = sh->adopt;
-	pgstat_report_appname("ciflow sync");
+	pgstat_report_appname(sh->watch ? "ciflow watch" : "ciflow sync");
+
+	if (sh->job_id != 0)
+	{
+		RunJob(sh, &args);
+		XLogFlush(XactLastCommitEnd);
+		pg_write_barrier();
+		sh->finished = true;
+		pgstat_report_activity(STATE_IDLE, NULL);
+		dsm_detach(seg);
+		proc_exit(0);
+	}
 
 	PG_TRY();
 	{
@@ -231,7 +357,7 @@ SyncFailMessage(const char *connection, const char *entity)
 }
 
 static dsm_segment *
-CreateShared(const char *strings[NUM_SYNC_STRINGS])
+CreateShared(const char *strings[NUM_SYNC_STRINGS], Size queue_size)
 {
 	Size		size = offsetof(SyncShared, strings);
 	dsm_segment *seg;
@@ -243,8 +369,8 @@ CreateShared(const char *strings[NUM_SYNC_STRINGS])
 
 	for (i = 0; i < NUM_SYNC_STRINGS; i++)
 		size += strings[i] ? strlen(strings[i]) + 1 : 0;
-	queue_offset = MAXALIGN(size);
-	size = queue_offset + SYNC_QUEUE_SIZE;
+	queue_offset = queue_size > 0 ? MAXALIGN(size) : 0;
+	size = MAXALIGN(size) + queue_size;
 	seg = dsm_create(size, 0);
 	sh = dsm_segment_address(seg);
 	memset(sh, 0, offsetof(SyncShared, strings));
@@ -315,6 +441,74 @@ HandleWorkerMessage(const char *data, Size nbytes, ErrorData **error)
 }
 
 /*
+ * Starts the worker of the segment, which tells this process when it
+ * starts and stops; false when no worker slot is free.
+ */
+static bool
+StartWorker(dsm_segment *seg, BackgroundWorkerHandle **handle)
+{
+	SyncShared *sh = dsm_segment_address(seg);
+	BackgroundWorker worker;
+
+	memset(&worker, 0, sizeof(worker));
+	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
+	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
+	worker.bgw_restart_time = BGW_NEVER_RESTART;
+	strlcpy(worker.bgw_library_name, "ciflow", BGW_MAXLEN);
+	strlcpy(worker.bgw_function_name, "ciflow_sync_worker_main", BGW_MAXLEN);
+	if (sh->watch)
+		snprintf(worker.bgw_name, BGW_MAXLEN, "ciflow watch of %s",
+				 SharedString(sh, STR_CONNECTION));
+	else
+		snprintf(worker.bgw_name, BGW_MAXLEN, "ciflow sync of %s from %s",
+				 SharedString(sh, STR_ENTITY), SharedString(sh, STR_CONNECTION));
+	strlcpy(worker.bgw_type, sh->watch ? "ciflow watch" : "ciflow sync", BGW_MAXLEN);
+	worker.bgw_main_arg = UInt32GetDatum(dsm_segment_handle(seg));
+	worker.bgw_notify_pid = MyProcPid;
+	return RegisterDynamicBackgroundWorker(&worker, handle);
+}
+
+dsm_segment *
+CiflowStartJobWorker(const CiflowJob *job, BackgroundWorkerHandle **handle,
+					 const char **error)
+{
+	const char *strings[NUM_SYNC_STRINGS];
+	dsm_segment *seg;
+	SyncShared *sh;
+
+	memset(strings, 0, sizeof(strings));
+	strings[STR_CONNECTION] = job->connection;
+	strings[STR_ENTITY] = job->watch ? NULL : job->entity;
+	strings[STR_SCHEMA] = job->watch ? NULL : job->schema;
+	strings[STR_TABLE] = job->watch ? NULL : job->table;
+	strings[STR_MODE] = job->mode;
+	strings[STR_PUBLISH] = "diff";
+	seg = CreateShared(strings, 0);
+	sh = dsm_segment_address(seg);
+	sh->login_userid = InvalidOid;
+	sh->userid = job->owner;
+	sh->job_id = job->id;
+	sh->event_id = job->event_id;
+	sh->watch = job->watch;
+	if (!StartWorker(seg, handle))
+	{
+		dsm_detach(seg);
+		*error = "no background worker slot is free (raise max_worker_processes)";
+		return NULL;
+	}
+	return seg;
+}
+
+bool
+CiflowJobWorkerFinished(dsm_segment *seg)
+{
+	SyncShared *sh = dsm_segment_address(seg);
+
+	pg_read_barrier();
+	return sh->finished;
+}
+
+/*
  * Starts the worker and relays its messages until it is gone; returns its
  * ERROR, if it sent one.  The waits sleep on the latch, which the queue
  * sets, and check for interrupts.
@@ -325,25 +519,13 @@ RunWorker(dsm_segment *seg, const char *connection, const char *entity)
 	SyncShared *sh = dsm_segment_address(seg);
 	shm_mq	   *mq = (shm_mq *) ((char *) sh + sh->queue_offset);
 	shm_mq_handle *mqh;
-	BackgroundWorker worker;
 	BackgroundWorkerHandle *handle;
 	ErrorData  *error = NULL;
 
 	mq = shm_mq_create(mq, SYNC_QUEUE_SIZE);
 	shm_mq_set_receiver(mq, MyProc);
 
-	memset(&worker, 0, sizeof(worker));
-	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
-	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
-	worker.bgw_restart_time = BGW_NEVER_RESTART;
-	strlcpy(worker.bgw_library_name, "ciflow", BGW_MAXLEN);
-	strlcpy(worker.bgw_function_name, "ciflow_sync_worker_main", BGW_MAXLEN);
-	snprintf(worker.bgw_name, BGW_MAXLEN, "ciflow sync of %s from %s", entity, connection);
-	strlcpy(worker.bgw_type, "ciflow sync", BGW_MAXLEN);
-	worker.bgw_main_arg = UInt32GetDatum(dsm_segment_handle(seg));
-	worker.bgw_notify_pid = MyProcPid;
-
-	if (!RegisterDynamicBackgroundWorker(&worker, &handle))
+	if (!StartWorker(seg, &handle))
 		ereport(ERROR,
 				(errcode(ERRCODE_INSUFFICIENT_RESOURCES),
 				 errmsg("%s", SyncFailMessage(connection, entity)),
@@ -543,7 +725,7 @@ ciflow_sync(PG_FUNCTION_ARGS)
 	strings[STR_SCHEMA] = schema;
 	strings[STR_TABLE] = table;
 
-	seg = CreateShared(strings);
+	seg = CreateShared(strings, SYNC_QUEUE_SIZE);
 	sh = dsm_segment_address(seg);
 	sh->adopt = PG_NARGS() > 7 && !PG_ARGISNULL(7) && PG_GETARG_BOOL(7);
 	error = RunWorker(seg, strings[STR_CONNECTION], strings[STR_ENTITY]);
