@@ -352,22 +352,22 @@ static CiflowCatalogStatement next_job = {
 
 static CiflowCatalogStatement begin_run = {
 	.sql = "UPDATE ciflow.job_definitions SET last_status = 'running',"
-	" last_started_at = pg_catalog.clock_timestamp(), last_finished_at = NULL,"
-	" event_cursor = GREATEST(event_cursor, $2)"
+	" last_started_at = pg_catalog.clock_timestamp(), last_finished_at = NULL"
 	" WHERE id OPERATOR(pg_catalog.=) $1"
 	" RETURNING EXISTS (SELECT 1 FROM pg_catalog.pg_authid a"
 	"  WHERE a.oid OPERATOR(pg_catalog.=) owner)",
-	.nargs = 2,
-	.types = {INT8OID, INT8OID}
+	.nargs = 1,
+	.types = {INT8OID}
 };
 
 static CiflowCatalogStatement end_run = {
 	.sql = "UPDATE ciflow.job_definitions SET last_status = $2, last_run_id = $3,"
 	" last_error = $4, consecutive_failures = $5, next_run_at = $6,"
-	" last_finished_at = pg_catalog.clock_timestamp()"
+	" last_finished_at = pg_catalog.clock_timestamp(),"
+	" event_cursor = GREATEST(event_cursor, $7)"
 	" WHERE id OPERATOR(pg_catalog.=) $1",
-	.nargs = 6,
-	.types = {INT8OID, TEXTOID, INT8OID, TEXTOID, INT4OID, TIMESTAMPTZOID}
+	.nargs = 7,
+	.types = {INT8OID, TEXTOID, INT8OID, TEXTOID, INT4OID, TIMESTAMPTZOID, INT8OID}
 };
 
 /* Column n of a row as a C string, or NULL. */
@@ -668,15 +668,14 @@ CiflowJobNext(int64 after_id, CiflowJob *job)
 }
 
 bool
-CiflowJobBegin(int64 job_id, int64 event_id, bool *owner_exists)
+CiflowJobBegin(int64 job_id, bool *owner_exists)
 {
-	Datum		values[2];
+	Datum		values[1];
 	HeapTuple	tup;
 	TupleDesc	desc;
 	bool		isnull;
 
 	values[0] = Int64GetDatum(job_id);
-	values[1] = Int64GetDatum(event_id);
 	if (CiflowCatalogExecute(&begin_run, values, NULL, &tup, &desc) == 0)
 		return false;
 	*owner_exists = DatumGetBool(heap_getattr(tup, 1, desc, &isnull));
@@ -698,7 +697,8 @@ BackoffSeconds(double base, int failures)
 }
 
 void
-CiflowJobEnd(int64 job_id, int64 run_id, bool succeeded, const char *error)
+CiflowJobEnd(int64 job_id, int64 run_id, int64 event_id, bool succeeded,
+			 const char *error)
 {
 	Datum		id = Int64GetDatum(job_id);
 	HeapTuple	tup;
@@ -713,8 +713,8 @@ CiflowJobEnd(int64 job_id, int64 run_id, bool succeeded, const char *error)
 	TimestampTz started;
 	TimestampTz next = 0;
 	double		base = BACKOFF_BASE_S;
-	Datum		values[6];
-	char		nulls[7] = "      ";
+	Datum		values[7];
+	char		nulls[8] = "       ";
 
 	if (CiflowCatalogExecute(&read_job, &id, NULL, &tup, &desc) == 0)
 		return;					/* unscheduled while it ran */
@@ -765,6 +765,7 @@ CiflowJobEnd(int64 job_id, int64 run_id, bool succeeded, const char *error)
 	values[3] = error ? CStringGetTextDatum(error) : (Datum) 0;
 	values[4] = Int32GetDatum(failures);
 	values[5] = TimestampTzGetDatum(next);
+	values[6] = Int64GetDatum(event_id);
 	nulls[2] = run_id > 0 ? ' ' : 'n';
 	nulls[3] = error ? ' ' : 'n';
 	nulls[5] = next != 0 ? ' ' : 'n';

@@ -54,13 +54,15 @@ extern bool CiflowJobNext(int64 after_id, CiflowJob *job);
 
 /*
  * A run's own bookkeeping (each needs a transaction).  Begin marks the job
- * running and moves its event cursor past event_id; it returns false when
- * the job is gone, and sets *owner_exists.  End records the outcome and
- * the next run (with a back-off after a failure).
+ * running; it returns false when the job is gone, and sets *owner_exists.
+ * End records the outcome, the next run (with a back-off after a failure)
+ * and moves an on_event job's cursor to the event the run answered
+ * (event_id, 0 for none): a run that a crash interrupts before its end is
+ * run again for the same event, one that ended never is.
  */
-extern bool CiflowJobBegin(int64 job_id, int64 event_id, bool *owner_exists);
-extern void CiflowJobEnd(int64 job_id, int64 run_id, bool succeeded,
-						 const char *error);
+extern bool CiflowJobBegin(int64 job_id, bool *owner_exists);
+extern void CiflowJobEnd(int64 job_id, int64 run_id, int64 event_id,
+						 bool succeeded, const char *error);
 
 /* Marks the jobs left 'running' as failed (the launcher, at its start). */
 extern void CiflowJobsFailInterrupted(void);

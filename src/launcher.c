@@ -447,7 +447,8 @@ StartDueJobs(void *arg)
 static void
 RecordLostRun(void *arg)
 {
-	CiflowJobEnd(*(int64 *) arg, 0, false,
+	/* The event it answered, if any, stays due: the run is made again. */
+	CiflowJobEnd(*(int64 *) arg, 0, 0, false,
 				 "the job's worker ended before its run finished (see the server log)");
 }
 

@@ -173,7 +173,7 @@ BeginJob(SyncShared *sh, void *arg)
 {
 	bool	   *found_and_owner = (bool *) arg;
 
-	found_and_owner[0] = CiflowJobBegin(sh->job_id, sh->event_id, &found_and_owner[1]);
+	found_and_owner[0] = CiflowJobBegin(sh->job_id, &found_and_owner[1]);
 }
 
 static void
@@ -188,15 +188,14 @@ WatchPass(SyncShared *sh, void *arg)
 static void
 EndJob(SyncShared *sh, void *arg)
 {
-	CiflowJobEnd(sh->job_id, sh->run.run_id, arg == NULL, (const char *) arg);
+	CiflowJobEnd(sh->job_id, sh->run.run_id, sh->event_id, arg == NULL, (const char *) arg);
 }
 
 /*
- * One run of a job: the job is marked running (its event cursor moved past
- * the event it answers), then the sync or the pass runs as the job's
- * owner, who can do no more than that role can (SET ROLE is refused, as in
- * a SECURITY DEFINER function), then the outcome goes into the job's row.
- * An owner dropped since is the run's error.
+ * One run of a job: the job is marked running, then the sync or the pass
+ * runs as the job's owner, who can do no more than that role can (SET ROLE
+ * is refused, as in a SECURITY DEFINER function), then the outcome goes
+ * into the job's row.  An owner dropped since is the run's error.
  */
 static void
 RunJob(SyncShared *sh, CiflowSyncArgs *args)

@@ -307,5 +307,6 @@ def test_restart_marks_a_running_run_of_any_target(w, emulator):
     wait_for(lambda: w.sql("SELECT status, error FROM ciflow.sync_runs WHERE entity = 'Ghost'")
              == [("failed", "interrupted by a server crash or restart")], timeout=30,
              what="the ghost run marked")
-    t0 = job(w, job_id)["last_finished_at"]
-    wait_job(w, job_id, lambda r: r["last_finished_at"] > t0, what="the watch to resume")
+    t0 = w.sql("SELECT now()")[0][0]
+    wait_job(w, job_id, lambda r: r["last_started_at"] > t0 and r["last_status"] == "succeeded",
+             what="the watch to resume")
