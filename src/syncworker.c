@@ -248,6 +248,8 @@ RunJob(SyncShared *sh, CiflowSyncArgs *args)
 	InTransaction(EndJob, sh, error);
 }
 
+static void RunForCaller(SyncShared *sh, CiflowSyncArgs *args);
+
 void
 ciflow_sync_worker_main(Datum main_arg)
 {
@@ -307,19 +309,27 @@ ciflow_sync_worker_main(Datum main_arg)
 	pgstat_report_appname(sh->watch ? "ciflow watch" : "ciflow sync");
 
 	if (sh->job_id != 0)
-	{
 		RunJob(sh, &args);
-		XLogFlush(XactLastCommitEnd);
-		pg_write_barrier();
-		sh->finished = true;
-		pgstat_report_activity(STATE_IDLE, NULL);
-		dsm_detach(seg);
-		proc_exit(0);
-	}
+	else
+		RunForCaller(sh, &args);
 
+	/* The run's end (and the data) are durable before the caller hears. */
+	XLogFlush(XactLastCommitEnd);
+
+	pg_write_barrier();
+	sh->finished = true;
+	pgstat_report_activity(STATE_IDLE, NULL);
+	dsm_detach(seg);
+	proc_exit(0);
+}
+
+/* A run of ciflow.sync: its outcome, and its error, go to the caller. */
+static void
+RunForCaller(SyncShared *sh, CiflowSyncArgs *args)
+{
 	PG_TRY();
 	{
-		CiflowSyncExecute(&args, &sh->run);
+		CiflowSyncExecute(args, &sh->run);
 		if (sh->run.watermark != NULL &&
 			strlcpy(sh->watermark, sh->run.watermark, sizeof(sh->watermark)) >= sizeof(sh->watermark))
 			sh->watermark[0] = '\0';	/* stored in full; the returned row shows NULL */
@@ -337,15 +347,6 @@ ciflow_sync_worker_main(Datum main_arg)
 		SendErrorToCaller(edata);
 	}
 	PG_END_TRY();
-
-	/* The run's end (and the data) are durable before the caller hears. */
-	XLogFlush(XactLastCommitEnd);
-
-	pg_write_barrier();
-	sh->finished = true;
-	pgstat_report_activity(STATE_IDLE, NULL);
-	dsm_detach(seg);
-	proc_exit(0);
 }
 
 char *
