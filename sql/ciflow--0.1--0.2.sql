@@ -462,7 +462,7 @@ CREATE TABLE ciflow.job_definitions (
     cron                 text,
     on_event             text,
     on_subject           text,
-    owner                oid NOT NULL,
+    owner                regrole NOT NULL,    -- dumped and restored by name
     enabled              boolean NOT NULL DEFAULT true,
     event_cursor         bigint NOT NULL DEFAULT 0,
     last_run_id          bigint,
@@ -504,7 +504,7 @@ CREATE VIEW ciflow.jobs AS
                      OPERATOR(pg_catalog.||) coalesce(' (' OPERATOR(pg_catalog.||) j.on_subject
                                                       OPERATOR(pg_catalog.||) ')', '') END AS schedule,
            j.enabled,
-           coalesce(r.rolname, 'unknown (OID=' OPERATOR(pg_catalog.||) j.owner::text
+           coalesce(r.rolname, 'unknown (OID=' OPERATOR(pg_catalog.||) j.owner::oid::text
                     OPERATOR(pg_catalog.||) ')') AS owner,
            j.last_run_id, j.last_status, j.last_started_at, j.last_finished_at,
            j.consecutive_failures, j.next_run_at, j.last_error, j.event_cursor

@@ -309,7 +309,7 @@ static CiflowCatalogStatement insert_job = {
 	" RETURNING id",
 	.nargs = 12,
 	.types = {TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, INTERVALOID,
-	TEXTOID, TEXTOID, TEXTOID, OIDOID, TIMESTAMPTZOID}
+	TEXTOID, TEXTOID, TEXTOID, REGROLEOID, TIMESTAMPTZOID}
 };
 
 static CiflowCatalogStatement read_job = {
@@ -479,6 +479,7 @@ InsertJob(bool watch, const char *connection, const char *entity,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("subject is only for on_event jobs")));
 	(void) CiflowGetConnection(connection);
+	CiflowLauncherCheckDatabase();
 
 	values[0] = CStringGetTextDatum(watch ? "watch" : "sync");
 	values[1] = CStringGetTextDatum(connection);

@@ -39,6 +39,7 @@
 
 #include "access/htup_details.h"
 #include "access/xact.h"
+#include "commands/dbcommands.h"
 #include "commands/extension.h"
 #include "fmgr.h"
 #include "funcapi.h"
@@ -227,6 +228,30 @@ CiflowLauncherRegister(void)
 	strlcpy(worker.bgw_name, "ciflow launcher", BGW_MAXLEN);
 	strlcpy(worker.bgw_type, "ciflow launcher", BGW_MAXLEN);
 	RegisterBackgroundWorker(&worker);
+}
+
+void
+CiflowLauncherCheckDatabase(void)
+{
+	char	   *here;
+
+	if (launcher_shared == NULL)
+	{
+		ereport(WARNING,
+				(errcode(ERRCODE_WARNING),
+				 errmsg("no ciflow launcher runs in this server: the job will not run"),
+				 errdetail("ciflow is not in shared_preload_libraries."),
+				 errhint("Add it, set ciflow.database, and restart the server.")));
+		return;
+	}
+	here = get_database_name(MyDatabaseId);
+	if (ciflow_database != NULL && here != NULL && strcmp(here, ciflow_database) != 0)
+		ereport(WARNING,
+				(errcode(ERRCODE_WARNING),
+				 errmsg("the jobs of database \"%s\" do not run", here),
+				 errdetail("The launcher runs the jobs of database \"%s\" (ciflow.database).",
+						   ciflow_database),
+				 errhint("Schedule the job in that database.")));
 }
 
 /* ---------- what worker_status() shows ---------- */

@@ -20,4 +20,7 @@ extern void CiflowLauncherInit(void);
  */
 extern void CiflowLauncherWakeAtCommit(void);
 
+/* A WARNING when no launcher will run the jobs of this database. */
+extern void CiflowLauncherCheckDatabase(void);
+
 #endif							/* CIFLOW_LAUNCHER_H */

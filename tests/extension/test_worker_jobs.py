@@ -302,6 +302,8 @@ def test_restart_marks_a_running_run_of_any_target(w, emulator):
     wait_job(w, job_id, lambda r: r["last_status"] == "succeeded", what="a pass")
     w.sql("INSERT INTO ciflow.sync_runs (connection, entity, target, mode, pid)"
           " VALUES ('emu', 'Ghost', 'emu.ghost', 'full', 999999)")
+    # No process runs it: sync_progress does not show it.
+    assert w.sql("SELECT count(*) FROM ciflow.sync_progress") == [(0,)]
     w.restart()
     wait_up(w)
     wait_for(lambda: w.sql("SELECT status, error FROM ciflow.sync_runs WHERE entity = 'Ghost'")
@@ -310,3 +312,20 @@ def test_restart_marks_a_running_run_of_any_target(w, emulator):
     t0 = w.sql("SELECT now()")[0][0]
     wait_job(w, job_id, lambda r: r["last_started_at"] > t0 and r["last_status"] == "succeeded",
              what="the watch to resume")
+
+
+def test_jobs_of_another_database_warn(w, emulator):
+    w.sql("CREATE DATABASE elsewhere")
+    try:
+        w.sql("CREATE EXTENSION ciflow", dbname="elsewhere")
+        make_emu_connection(w, emulator, dbname="elsewhere")
+        conn = w.connect(dbname="elsewhere")
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT ciflow.watch('emu', every => '1 hour')")
+            assert any('the jobs of database "elsewhere" do not run' in n
+                       for n in conn.notices), conn.notices
+        finally:
+            conn.close()
+    finally:
+        w.sql("DROP DATABASE elsewhere")
