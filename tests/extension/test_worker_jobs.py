@@ -10,6 +10,7 @@ emulator and no jobs.
 import datetime as dt
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -329,3 +330,53 @@ def test_jobs_of_another_database_warn(w, emulator):
             conn.close()
     finally:
         w.sql("DROP DATABASE elsewhere")
+
+
+def test_a_killed_session_sync_is_cleaned_up_by_the_launcher(w, emulator):
+    """Today's ghost: a sync of a session killed with -9.  The launcher that
+    comes back marks its run and drops its staging heap, with no new sync of
+    the target."""
+    emulator.add_fault(SLOW_MATCH, {"delay_ms": 30000})
+    errors = []
+
+    def caller():
+        try:
+            w.sql("SELECT * FROM ciflow.sync('emu', 'Customer')")
+        except Exception as exc:  # noqa: BLE001 - crash recovery ends the session
+            errors.append(exc)
+    thread = threading.Thread(target=caller)
+    thread.start()
+    wait_for(lambda: w.sql("SELECT pages FROM ciflow.sync_progress") == [(2,)], timeout=20,
+             what="two pages loaded")
+    assert staged_tables(w) != []
+    pid = w.sql("SELECT pid FROM pg_stat_activity WHERE backend_type = 'ciflow sync'")[0][0]
+    old_launcher = status(w)["pid"]
+    emulator.clear_faults()
+    os.kill(pid, signal.SIGKILL)
+    thread.join(30)
+    assert errors
+    wait_up(w)
+    wait_for(lambda: status(w)["state"] == "running" and status(w)["pid"] != old_launcher,
+             timeout=30, what="a new launcher")
+    assert [(r["status"], r["error"]) for r in runs(w)] == [
+        ("failed", "interrupted by a server crash or restart")]
+    assert staged_tables(w) == []
+    assert w.sql("SELECT count(*) FROM ciflow.sync_progress") == [(0,)]
+
+
+def test_on_event_subject_narrows_the_events(w, emulator):
+    from extension.eventhelpers import RETAIL_POS
+    sync_job = w.sql("SELECT ciflow.schedule_sync('emu', 'Customer',"
+                     " on_event => 'datasource_refresh_failed', subject => %s)",
+                     (RETAIL_POS,))[0][0]
+    assert job(w, sync_job)["schedule"] == f"on_event datasource_refresh_failed ({RETAIL_POS})"
+    w.sql("SELECT * FROM ciflow.poll('emu')")
+    set_datasource(emulator, "WebEvents", refreshState="updateFailed", lastRefresh="now")
+    assert len(w.sql("SELECT * FROM ciflow.poll('emu')")) == 1
+    time.sleep(2)
+    assert runs(w) == []
+    set_datasource(emulator, "RetailPos", refreshState="updateFailed", lastRefresh="now")
+    assert len(w.sql("SELECT * FROM ciflow.poll('emu')")) == 1
+    wait_job(w, sync_job, lambda r: r["last_status"] == "succeeded", what="the sync")
+    time.sleep(1.5)
+    assert len(runs(w)) == 1
