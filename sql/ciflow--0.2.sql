@@ -532,6 +532,7 @@ CREATE TABLE ciflow.job_definitions (
     last_started_at      timestamptz,
     last_finished_at     timestamptz,
     last_error           text,
+    run_pid              integer,             -- the process of the run going on
     consecutive_failures integer NOT NULL DEFAULT 0,
     next_run_at          timestamptz,
     created_at           timestamptz NOT NULL DEFAULT clock_timestamp(),

@@ -338,7 +338,9 @@ static CiflowCatalogStatement next_job = {
 	.sql = "SELECT j.id, j.kind, j.connection, j.entity, j.target_schema, j.target_table,"
 	" j.mode, j.owner, j.on_event IS NOT NULL, COALESCE(e.id, 0),"
 	" j.next_run_at IS NOT NULL,"
-	" pg_catalog.date_part('epoch', j.next_run_at OPERATOR(pg_catalog.-) pg_catalog.clock_timestamp())"
+	" pg_catalog.date_part('epoch', j.next_run_at OPERATOR(pg_catalog.-) pg_catalog.clock_timestamp()),"
+	" j.last_status OPERATOR(pg_catalog.=) 'running' AND j.run_pid IS NOT NULL"
+	" AND EXISTS (SELECT 1 FROM pg_catalog.pg_stat_get_activity(j.run_pid))"
 	" FROM ciflow.job_definitions j"
 	" LEFT JOIN LATERAL (SELECT pg_catalog.min(ev.id) AS id FROM ciflow.events ev"
 	"  WHERE j.on_event IS NOT NULL AND ev.connection OPERATOR(pg_catalog.=) j.connection"
@@ -352,7 +354,8 @@ static CiflowCatalogStatement next_job = {
 
 static CiflowCatalogStatement begin_run = {
 	.sql = "UPDATE ciflow.job_definitions SET last_status = 'running',"
-	" last_started_at = pg_catalog.clock_timestamp(), last_finished_at = NULL"
+	" last_started_at = pg_catalog.clock_timestamp(), last_finished_at = NULL,"
+	" run_pid = pg_catalog.pg_backend_pid()"
 	" WHERE id OPERATOR(pg_catalog.=) $1"
 	" RETURNING EXISTS (SELECT 1 FROM pg_catalog.pg_authid a"
 	"  WHERE a.oid OPERATOR(pg_catalog.=) owner)",
@@ -363,7 +366,7 @@ static CiflowCatalogStatement begin_run = {
 static CiflowCatalogStatement end_run = {
 	.sql = "UPDATE ciflow.job_definitions SET last_status = $2, last_run_id = $3,"
 	" last_error = $4, consecutive_failures = $5, next_run_at = $6,"
-	" last_finished_at = pg_catalog.clock_timestamp(),"
+	" last_finished_at = pg_catalog.clock_timestamp(), run_pid = NULL,"
 	" event_cursor = GREATEST(event_cursor, $7)"
 	" WHERE id OPERATOR(pg_catalog.=) $1",
 	.nargs = 7,
@@ -665,6 +668,7 @@ CiflowJobNext(int64 after_id, CiflowJob *job)
 	job->event_id = DatumGetInt64(heap_getattr(tup, 10, desc, &isnull));
 	job->has_next = DatumGetBool(heap_getattr(tup, 11, desc, &isnull));
 	job->wait_s = job->has_next ? DatumGetFloat8(heap_getattr(tup, 12, desc, &isnull)) : 0;
+	job->running = DatumGetBool(heap_getattr(tup, 13, desc, &isnull)) && !isnull;
 	return true;
 }
 
@@ -774,12 +778,16 @@ CiflowJobEnd(int64 job_id, int64 run_id, int64 event_id, bool succeeded,
 	CiflowLauncherWakeAtCommit();
 }
 
-/* At the launcher's start: a job left running lost its run with the server. */
+/*
+ * At the launcher's start: a job left running whose process is gone lost
+ * its run (a launcher restarted alone leaves its children running).
+ */
 static CiflowCatalogStatement fail_interrupted_jobs = {
 	.sql = "UPDATE ciflow.job_definitions SET last_status = 'failed',"
 	" last_finished_at = pg_catalog.clock_timestamp(),"
-	" last_error = 'interrupted by a server crash or restart'"
-	" WHERE last_status OPERATOR(pg_catalog.=) 'running'",
+	" last_error = 'interrupted by a server crash or restart', run_pid = NULL"
+	" WHERE last_status OPERATOR(pg_catalog.=) 'running' AND (run_pid IS NULL"
+	" OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_get_activity(run_pid)))",
 	.nargs = 0
 };
 

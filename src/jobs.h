@@ -44,6 +44,7 @@ typedef struct CiflowJob
 	int64		event_id;		/* the next matching event, 0 for none */
 	bool		has_next;		/* next_run_at is set */
 	double		wait_s;			/* next_run_at - now, in seconds */
+	bool		running;		/* a run of it is going on, by its row */
 } CiflowJob;
 
 /*
@@ -64,7 +65,7 @@ extern bool CiflowJobBegin(int64 job_id, bool *owner_exists);
 extern void CiflowJobEnd(int64 job_id, int64 run_id, int64 event_id,
 						 bool succeeded, const char *error);
 
-/* Marks the jobs left 'running' as failed (the launcher, at its start). */
+/* Marks the jobs left 'running' by a gone process as failed (at the launcher's start). */
 extern void CiflowJobsFailInterrupted(void);
 
 #endif							/* CIFLOW_JOBS_H */

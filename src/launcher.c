@@ -448,7 +448,7 @@ StartDueJobs(void *arg)
 
 		after = job.id;
 		CHECK_FOR_INTERRUPTS();
-		if (ChildRunning(job.id))
+		if (ChildRunning(job.id) || job.running)
 			continue;			/* never two runs of one job */
 		if (job.on_event && job.event_id == 0)
 			continue;			/* a commit that records an event wakes us */

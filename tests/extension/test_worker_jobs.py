@@ -380,3 +380,25 @@ def test_on_event_subject_narrows_the_events(w, emulator):
     wait_job(w, sync_job, lambda r: r["last_status"] == "succeeded", what="the sync")
     time.sleep(1.5)
     assert len(runs(w)) == 1
+
+
+def test_a_run_going_on_elsewhere_is_not_started_twice(w):
+    """A job whose row says a living process runs it (a launcher restarted
+    alone leaves its children running) is not started again until that
+    process is gone."""
+    job_id = w.sql("SELECT ciflow.watch('emu', every => '1 hour')")[0][0]
+    wait_job(w, job_id, lambda r: r["last_status"] == "succeeded", what="a first pass")
+    other = w.connect()
+    try:
+        with other.cursor() as cur:
+            cur.execute("SELECT pg_backend_pid()")
+            pid = cur.fetchone()[0]
+        w.sql("UPDATE ciflow.job_definitions SET last_status = 'running', run_pid = %s,"
+              " next_run_at = now() WHERE id = %s", (pid, job_id))
+        w.sql("SELECT ciflow.alter_job(%s, enabled => true)", (job_id,))
+        time.sleep(2)
+        assert job(w, job_id)["last_status"] == "running"
+    finally:
+        other.close()
+    w.sql("SELECT ciflow.alter_job(%s, enabled => true)", (job_id,))
+    wait_job(w, job_id, lambda r: r["last_status"] == "succeeded", what="the job to run again")
