@@ -24,7 +24,8 @@ OBJS = \
 	src/sync.o \
 	src/syncworker.o \
 	src/events.o \
-	src/monitor.o
+	src/monitor.o \
+	src/delivery.o
 
 EXTENSION = ciflow
 DATA = sql/ciflow--0.1.sql sql/ciflow--0.1--0.2.sql sql/ciflow--0.2.sql

@@ -98,6 +98,14 @@ _PG_init(void)
 							PGC_SUSET, GUC_UNIT_S,
 							NULL, NULL, NULL);
 
+	DefineCustomIntVariable("ciflow.delivery_max_attempts",
+							"Attempts per event delivery (the first included) before it is marked failed.",
+							"Applies to 5xx, 408, 429 and transport failures; other answers fail at once.",
+							&ciflow_settings.delivery_max_attempts,
+							8, 1, 100,
+							PGC_SUSET, 0,
+							NULL, NULL, NULL);
+
 	MarkGUCPrefixReserved("ciflow");
 
 	CiflowJsonUsepalloc();

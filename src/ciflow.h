@@ -26,6 +26,7 @@ typedef struct CiflowSettings
 	int			max_retry_after_s;
 	int			max_pages;
 	int			event_retention_s;	/* ciflow.events rows older than this go */
+	int			delivery_max_attempts;	/* per event delivery, first included */
 } CiflowSettings;
 
 extern CiflowSettings ciflow_settings;

@@ -236,8 +236,8 @@ ReportTransport(const CiflowRequest *req, const CiflowTransfer *t, int attempts)
 }
 
 /* Retry-After is whole seconds or an HTTP-date; -1 when absent or unreadable. */
-static int64
-RetryAfterMs(const char *value)
+int64
+CiflowRetryAfterMs(const char *value)
 {
 	char	   *end;
 	long		secs;
@@ -259,8 +259,8 @@ RetryAfterMs(const char *value)
 }
 
 /* base * 2^(attempt-1), +-25% jitter, so that many clients do not align. */
-static int64
-BackoffMs(int attempt)
+int64
+CiflowBackoffMs(int attempt)
 {
 	double		delay = ciflow_settings.retry_base_delay_ms;
 	int			i;
@@ -416,7 +416,7 @@ CiflowRequestPerform(const CiflowRequest *req)
 				t.error == CIFLOW_TRANSPORT_TLS ||
 				attempt >= ciflow_settings.max_attempts)
 				ReportTransport(req, &t, attempt);
-			wait_ms = BackoffMs(attempt);
+			wait_ms = CiflowBackoffMs(attempt);
 		}
 		else
 		{
@@ -452,16 +452,16 @@ CiflowRequestPerform(const CiflowRequest *req)
 			{
 				if (attempt >= ciflow_settings.max_attempts)
 					ReportStatus(req, t.status, t.body_out, t.body_len, attempt, false);
-				wait_ms = RetryAfterMs(t.retry_after);
+				wait_ms = CiflowRetryAfterMs(t.retry_after);
 				if (wait_ms < 0)
-					wait_ms = BackoffMs(attempt);
+					wait_ms = CiflowBackoffMs(attempt);
 				wait_ms = Min(wait_ms, (int64) ciflow_settings.max_retry_after_s * 1000);
 			}
 			else if (t.status == 500 || t.status == 502 || t.status == 504)
 			{
 				if (attempt >= ciflow_settings.max_attempts)
 					ReportStatus(req, t.status, t.body_out, t.body_len, attempt, false);
-				wait_ms = BackoffMs(attempt);
+				wait_ms = CiflowBackoffMs(attempt);
 			}
 			else
 				ReportStatus(req, t.status, t.body_out, t.body_len, attempt, false);

@@ -74,4 +74,12 @@ extern void CiflowRethrowUnder(MemoryContext cxt, const char *failmsg) pg_attrib
 /* Parses a complete body as JSON, raising 22032 under failmsg when it is not. */
 extern json_t *CiflowParseJson(const char *body, size_t len, const char *failmsg);
 
+/*
+ * The retry policy's delays, shared with event deliveries: Retry-After
+ * (whole seconds or an HTTP-date) in ms, -1 when absent or unreadable; and
+ * ciflow.retry_base_delay * 2^(attempt-1) with +-25% jitter.
+ */
+extern int64 CiflowRetryAfterMs(const char *value);
+extern int64 CiflowBackoffMs(int attempt);
+
 #endif							/* CIFLOW_REQUEST_H */
