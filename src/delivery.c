@@ -737,16 +737,18 @@ MailBody(const Delivery *d, StringInfo buf)
 	"Jul", "Aug", "Sep", "Oct", "Nov", "Dec"};
 	time_t		now = time(NULL);
 	struct tm	tm;
-	char	   *to = pstrdup(d->mail_to);
-	char	   *p;
+	const char *p;
 
 	gmtime_r(&now, &tm);
-	for (p = to; *p; p++)
+	appendStringInfo(buf, "From: %s\r\nTo: ", d->mail_from);
+	for (p = d->mail_to; *p; p++)
 	{
 		if (*p == '\n')
-			*p = ',';
+			appendStringInfoString(buf, ", ");
+		else
+			appendStringInfoChar(buf, *p);
 	}
-	appendStringInfo(buf, "From: %s\r\nTo: %s\r\nSubject: ", d->mail_from, to);
+	appendStringInfoString(buf, "\r\nSubject: ");
 	AppendHeaderText(buf, Title(d));
 	appendStringInfo(buf, "\r\nMessage-ID: <ciflow-event-" INT64_FORMAT "@%s>\r\n",
 					 d->event_id, strchr(d->mail_from, '@') + 1);
@@ -978,12 +980,20 @@ RecordOutcome(Delivery *d)
 		else
 		{
 			const char *what = d->rc == CURLE_OPERATION_TIMEDOUT ? "timed out" :
+			d->rc == CURLE_LOGIN_DENIED ? "SMTP authentication failed" :
 			mail && code > 0 ? psprintf("SMTP %ld", code) : "transport failure";
 			const char *words = d->errbuf[0] ? d->errbuf : curl_easy_strerror(d->rc);
 
 			error = psprintf("%s: %s", what, Printable(words, strlen(words)));
-			/* An SMTP 5xx reply is final; 4xx and transport failures are not. */
-			retry = !(mail && code >= 500);
+
+			/*
+			 * An SMTP 5xx reply and rejected credentials are final; 4xx and
+			 * transport failures are not.  libcurl keeps the reply before a
+			 * failed AUTH (334), which would mislead: none is recorded.
+			 */
+			if (d->rc == CURLE_LOGIN_DENIED)
+				code = 0;
+			retry = !(mail && code >= 500) && d->rc != CURLE_LOGIN_DENIED;
 		}
 		if (retry && d->attempts < ciflow_settings.delivery_max_attempts)
 		{

@@ -112,7 +112,8 @@ class SmtpReceiver:
                                     session.ssl is not None))
             ok = auth is not None and (auth_data.login, auth_data.password) == \
                 (auth[0].encode(), auth[1].encode())
-            return AuthResult(success=ok)
+            return AuthResult(success=ok, handled=False,
+                              message=None if ok else "535 5.7.8 Authentication credentials invalid")
 
         ctx = None
         if tls_dir:
@@ -130,8 +131,17 @@ class SmtpReceiver:
             kwargs["auth_require_tls"] = True
         self.controller = Controller(Handler(), **kwargs)
         if implicit_tls:
-            # The controller's readiness probe would speak plain SMTP to a TLS port.
-            self.controller._trigger_server = lambda: None
+            # The controller's readiness probe wraps its socket with the server's
+            # context; probe as a client that does not check the test CA instead.
+            def trigger():
+                import socket
+                probe = ssl.create_default_context()
+                probe.check_hostname = False
+                probe.verify_mode = ssl.CERT_NONE
+                with socket.create_connection(("127.0.0.1", self.port), 1.0) as raw:
+                    with probe.wrap_socket(raw) as s:
+                        s.recv(1024)
+            self.controller._trigger_server = trigger
         self.controller.start()
 
     def url(self, scheme="smtp"):
