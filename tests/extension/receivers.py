@@ -1,4 +1,5 @@
-"""Receivers of event deliveries (issue 13), started by the tests.
+"""Receivers of event deliveries (issue 13), started by the tests, and the
+shared helpers of their tests (a test CA, one delivery pass).
 
 * ``HttpReceiver``: an HTTP(S) server that records every request (path,
   headers, body, time) and answers each path as scripted: a status (with
@@ -8,12 +9,42 @@
 """
 
 import json
+import os
 import ssl
+import subprocess
+import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import pytest
+
 from harness import free_port
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def tls_dir():
+    """A throw-away CA and a certificate for 127.0.0.1 (tests/make_test_ca.sh)."""
+    d = tempfile.mkdtemp(prefix="ciflow-receivers-ca-")
+    os.chmod(d, 0o755)
+    subprocess.run(["sh", os.path.join(HERE, "..", "make_test_ca.sh"), d], check=True)
+    return d
+
+
+def deliver(db, settings=None):
+    """One delivery pass, CALL ciflow.deliver() in autocommit with the given
+    settings; returns how many deliveries it attempted."""
+    conn = db.connect()
+    try:
+        with conn.cursor() as cur:
+            for k, v in (settings or {}).items():
+                cur.execute(f"SET {k} = %s", (str(v),))
+            cur.execute("CALL ciflow.deliver()")
+            return cur.fetchone()[0]
+    finally:
+        conn.close()
 
 
 class HttpReceiver:

@@ -4,32 +4,20 @@ and isolation, against real receivers started by the tests
 ciflow.poll; a delivery pass is CALL ciflow.deliver() (the worker of issue 9
 will call the same pass)."""
 
+import datetime
 import hashlib
 import hmac
 import json
-import os
-import subprocess
-import tempfile
 import threading
 import time
-from email import message_from_bytes, policy
 
 import pytest
 
 from extension.cihelpers import dict_rows, raises_sqlstate
 from extension.eventhelpers import RETAIL_POS, poll, set_datasource
 from extension.eventhelpers import clean  # noqa: F401 - fixture
-from extension.receivers import HttpReceiver, SmtpReceiver
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-@pytest.fixture(scope="module")
-def tls_dir():
-    d = tempfile.mkdtemp(prefix="ciflow-delivery-ca-")
-    os.chmod(d, 0o755)
-    subprocess.run(["sh", os.path.join(HERE, "..", "make_test_ca.sh"), d], check=True)
-    return d
+from extension.receivers import HttpReceiver, deliver
+from extension.receivers import tls_dir  # noqa: F401 - fixture
 
 
 @pytest.fixture(scope="module")
@@ -48,19 +36,6 @@ def hooks(ciflow_db, clean, receiver):
     ciflow_db.sql("SELECT ciflow.drop_sink(name) FROM ciflow.sink_settings")
 
 
-def deliver(db, settings=None):
-    """One pass: CALL ciflow.deliver() in autocommit; returns its count."""
-    conn = db.connect()
-    try:
-        with conn.cursor() as cur:
-            for k, v in (settings or {}).items():
-                cur.execute(f"SET {k} = %s", (str(v),))
-            cur.execute("CALL ciflow.deliver()")
-            return cur.fetchone()[0]
-    finally:
-        conn.close()
-
-
 def fail_refresh(db, emu, state="updateFailed"):
     """One datasource event of RetailPos; returns its ciflow.events row."""
     set_datasource(emu, "RetailPos", refreshState=state, lastRefresh="now")
@@ -77,7 +52,7 @@ def event_json(ev):
     return {"id": ev["id"], "kind": ev["kind"], "connection": ev["connection"],
             "subject": ev["subject"],
             "created_at": ev["created_at"].astimezone(
-                __import__("datetime").timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+                datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
             "payload": ev["payload"]}
 
 

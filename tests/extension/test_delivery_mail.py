@@ -2,10 +2,6 @@
 or required), implicit TLS (smtps://) and AUTH, against an aiosmtpd server
 started by the tests."""
 
-import datetime
-import os
-import subprocess
-import tempfile
 from email import message_from_bytes, policy
 
 import pytest
@@ -13,17 +9,9 @@ import pytest
 from extension.cihelpers import dict_rows
 from extension.eventhelpers import RETAIL_POS, poll, set_datasource
 from extension.eventhelpers import clean  # noqa: F401 - fixture
-from extension.receivers import SmtpReceiver
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-@pytest.fixture(scope="module")
-def tls_dir():
-    d = tempfile.mkdtemp(prefix="ciflow-mail-ca-")
-    os.chmod(d, 0o755)
-    subprocess.run(["sh", os.path.join(HERE, "..", "make_test_ca.sh"), d], check=True)
-    return d
+from extension.receivers import SmtpReceiver, deliver
+from extension.receivers import tls_dir  # noqa: F401 - fixture
+from extension.test_delivery import event_json
 
 
 @pytest.fixture
@@ -39,16 +27,6 @@ def mailbox(ciflow_db, clean):
     ciflow_db.sql("SELECT ciflow.drop_sink(name) FROM ciflow.sink_settings")
     for s in servers:
         s.stop()
-
-
-def deliver(db):
-    conn = db.connect()
-    try:
-        with conn.cursor() as cur:
-            cur.execute("CALL ciflow.deliver()")
-            return cur.fetchone()[0]
-    finally:
-        conn.close()
 
 
 def failed_refresh(db, emu):
@@ -88,8 +66,7 @@ def test_plain_mail_lists_the_event(ciflow_db, mailbox, emulator):
     assert msg["To"] == "owner@example.com, ops@example.org"
     assert msg.get_content_type() == "text/plain"
     assert msg.get_content_charset() == "utf-8"
-    created = ev["created_at"].astimezone(datetime.timezone.utc).strftime(
-        "%Y-%m-%dT%H:%M:%S.%fZ")
+    created = event_json(ev)["created_at"]
     want = [f"id: {ev['id']}", "kind: datasource_refresh_failed", "connection: emu",
             f"subject: {RETAIL_POS}", f"created_at: {created}"]
     want += [f"{k}: {v}" for k, v in ev["payload"].items()]
@@ -98,12 +75,18 @@ def test_plain_mail_lists_the_event(ciflow_db, mailbox, emulator):
     assert (row["status"], row["attempts"], row["last_status"]) == ("delivered", 1, 250)
 
 
-def test_starttls_and_auth(ciflow_db, mailbox, emulator, tls_dir):
+def send_with_auth(db, mailbox, emulator, tls_dir, password):
+    """One mail over STARTTLS to a server that wants ciflow/pa55word."""
     smtp = mailbox(tls_dir=tls_dir, auth=("ciflow", "pa55word"))
-    add_mail_sink(ciflow_db, smtp.url(), username="ciflow", password="pa55word",
+    add_mail_sink(db, smtp.url(), username="ciflow", password=password,
                   ca_file=tls_dir + "/ca.pem")
-    failed_refresh(ciflow_db, emulator)
-    assert deliver(ciflow_db) == 1
+    failed_refresh(db, emulator)
+    assert deliver(db) == 1
+    return smtp
+
+
+def test_starttls_and_auth(ciflow_db, mailbox, emulator, tls_dir):
+    smtp = send_with_auth(ciflow_db, mailbox, emulator, tls_dir, "pa55word")
     assert only_delivery(ciflow_db)["status"] == "delivered"
     assert [m["tls"] for m in smtp.mails] == [True]
     assert [(login, tls) for _, login, _, tls in smtp.logins] == [(b"ciflow", True)]
@@ -112,11 +95,7 @@ def test_starttls_and_auth(ciflow_db, mailbox, emulator, tls_dir):
 
 
 def test_wrong_password_fails_at_once(ciflow_db, mailbox, emulator, tls_dir):
-    smtp = mailbox(tls_dir=tls_dir, auth=("ciflow", "pa55word"))
-    add_mail_sink(ciflow_db, smtp.url(), username="ciflow", password="wrong",
-                  ca_file=tls_dir + "/ca.pem")
-    failed_refresh(ciflow_db, emulator)
-    assert deliver(ciflow_db) == 1
+    smtp = send_with_auth(ciflow_db, mailbox, emulator, tls_dir, "wrong")
     row = only_delivery(ciflow_db)
     assert (row["status"], row["attempts"], row["last_status"]) == ("failed", 1, None)
     assert row["last_error"].startswith("SMTP authentication failed")
