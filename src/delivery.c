@@ -127,10 +127,11 @@ static CiflowCatalogStatement claim = {
 	" ORDER BY h.next_attempt_at, h.id LIMIT 1 FOR UPDATE OF h SKIP LOCKED)"
 	" RETURNING d.id, d.event_id, d.attempts, d.sink)"
 	" SELECT c.id, c.event_id, c.attempts, c.sink, s.url, s.format, s.mail_from,"
-	" pg_catalog.array_to_string(s.mail_to, E'\\n'), s.username,"
-	" s.require_tls::pg_catalog.text, s.ca_file, e.kind, e.connection, e.subject,"
+	" pg_catalog.array_to_string(s.mail_to, E'\\n') AS mail_to, s.username,"
+	" s.require_tls, s.ca_file, e.kind, e.connection, e.subject,"
 	" pg_catalog.to_char(e.created_at AT TIME ZONE 'UTC',"
-	" 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), e.payload::pg_catalog.text"
+	" 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') AS created_at,"
+	" e.payload::pg_catalog.text AS payload"
 	" FROM c JOIN ciflow.sink_settings s ON s.name OPERATOR(pg_catalog.=) c.sink"
 	" JOIN ciflow.events e ON e.id OPERATOR(pg_catalog.=) c.event_id",
 	.nargs = 2,
@@ -351,6 +352,14 @@ IsEventKind(const char *kind)
 	return false;
 }
 
+/* Argument arg of the call as parameter i of a statement, NULL kept. */
+static void
+ArgParam(FunctionCallInfo fcinfo, int arg, Datum *values, char *nulls, int i)
+{
+	nulls[i] = PG_ARGISNULL(arg) ? 'n' : ' ';
+	values[i] = PG_ARGISNULL(arg) ? (Datum) 0 : PG_GETARG_DATUM(arg);
+}
+
 /*
  * ciflow.add_sink(name, url, format, kinds, connection, secret, mail_from,
  * mail_to, username, password, require_tls, ca_file)
@@ -440,18 +449,13 @@ ciflow_add_sink(PG_FUNCTION_ARGS)
 	values[0] = CStringGetTextDatum(name);
 	values[1] = CStringGetTextDatum(url);
 	values[2] = CStringGetTextDatum(format);
-	for (i = 3; i <= 7; i++)
-	{
-		int			arg = i == 3 ? 3 : i == 4 ? 4 : i == 5 ? 6 : i == 6 ? 7 : 8;
-
-		if (PG_ARGISNULL(arg))
-			nulls[i] = 'n';
-		else
-			values[i] = PG_GETARG_DATUM(arg);
-	}
+	ArgParam(fcinfo, 3, values, nulls, 3);	/* kinds */
+	ArgParam(fcinfo, 4, values, nulls, 4);	/* connection */
+	ArgParam(fcinfo, 6, values, nulls, 5);	/* mail_from */
+	ArgParam(fcinfo, 7, values, nulls, 6);	/* mail_to */
+	ArgParam(fcinfo, 8, values, nulls, 7);	/* username */
 	values[8] = BoolGetDatum(require_tls);
-	values[9] = ca_file ? CStringGetTextDatum(ca_file) : (Datum) 0;
-	nulls[9] = ca_file ? ' ' : 'n';
+	ArgParam(fcinfo, 11, values, nulls, 9); /* ca_file */
 	values[10] = ObjectIdGetDatum(GetUserId());
 	(void) CiflowCatalogExecute(&insert_sink, values, nulls, NULL, NULL);
 
@@ -1033,30 +1037,26 @@ ReadClaimed(HeapTuple tup, TupleDesc desc)
 {
 	Delivery   *d = palloc0(sizeof(Delivery));
 	bool		isnull;
-	char	   *tls;
 	List	   *rows;
 	TupleDesc	sdesc;
 
-#define COL(n) (heap_getattr(tup, (n), desc, &isnull), isnull ? NULL : \
-				TextDatumGetCString(heap_getattr(tup, (n), desc, &isnull)))
-	d->id = DatumGetInt64(heap_getattr(tup, 1, desc, &isnull));
-	d->event_id = DatumGetInt64(heap_getattr(tup, 2, desc, &isnull));
-	d->attempts = DatumGetInt32(heap_getattr(tup, 3, desc, &isnull));
-	d->sink = COL(4);
-	d->url = COL(5);
-	d->format = COL(6);
-	d->mail_from = COL(7);
-	d->mail_to = COL(8);
-	d->username = COL(9);
-	tls = COL(10);
-	d->require_tls = tls && strcmp(tls, "true") == 0;
-	d->ca_file = COL(11);
-	d->kind = COL(12);
-	d->connection = COL(13);
-	d->subject = COL(14);
-	d->created_at = COL(15);
-	d->payload = COL(16);
-#undef COL
+	d->id = DatumGetInt64(CiflowCatalogDatum(tup, desc, "id", &isnull));
+	d->event_id = DatumGetInt64(CiflowCatalogDatum(tup, desc, "event_id", &isnull));
+	d->attempts = DatumGetInt32(CiflowCatalogDatum(tup, desc, "attempts", &isnull));
+	d->require_tls = DatumGetBool(CiflowCatalogDatum(tup, desc, "require_tls", &isnull));
+	d->sink = CiflowCatalogText(tup, desc, "sink");
+	d->url = CiflowCatalogText(tup, desc, "url");
+	d->format = CiflowCatalogText(tup, desc, "format");
+	d->mail_from = CiflowCatalogText(tup, desc, "mail_from");
+	d->mail_to = CiflowCatalogText(tup, desc, "mail_to");
+	d->username = CiflowCatalogText(tup, desc, "username");
+	d->ca_file = CiflowCatalogText(tup, desc, "ca_file");
+	d->kind = CiflowCatalogText(tup, desc, "kind");
+	d->connection = CiflowCatalogText(tup, desc, "connection");
+	d->subject = CiflowCatalogText(tup, desc, "subject");
+	d->created_at = CiflowCatalogText(tup, desc, "created_at");
+	d->payload = CiflowCatalogText(tup, desc, "payload");
+	heap_freetuple(tup);
 
 	rows = CiflowCatalogLookup("sink_secrets", "sink", d->sink, &sdesc);
 	if (rows != NIL)
@@ -1092,23 +1092,29 @@ WipePass(void *arg)
 	pass->multi = NULL;
 }
 
+/*
+ * Transaction boundaries of a pass.  Either way the pass's own context is
+ * current afterwards: what it reads must outlive the transaction.
+ */
 static void
-PassBegin(bool own_transactions)
+PassBegin(Pass *pass, bool own_transactions)
 {
 	if (own_transactions)
 	{
 		SetCurrentStatementStartTimestamp();
 		StartTransactionCommand();
 	}
+	MemoryContextSwitchTo(pass->cxt);
 }
 
 static void
-PassCommit(bool own_transactions)
+PassCommit(Pass *pass, bool own_transactions)
 {
 	if (own_transactions)
 		CommitTransactionCommand();
 	else
 		SPI_commit();
+	MemoryContextSwitchTo(pass->cxt);
 }
 
 /*
@@ -1123,7 +1129,7 @@ RecordAndClaim(Pass *pass, bool own_transactions, bool claim_more)
 	double		lease_s = (ciflow_settings.connect_timeout_ms +
 						   ciflow_settings.request_timeout_ms) / 1000.0 + 60.0;
 
-	PassBegin(own_transactions);
+	PassBegin(pass, own_transactions);
 	for (i = 0; i < MAX_CONCURRENT; i++)
 	{
 		Delivery   *d = pass->slots[i];
@@ -1159,7 +1165,7 @@ RecordAndClaim(Pass *pass, bool own_transactions, bool claim_more)
 		pass->nrunning++;
 		claimed++;
 	}
-	PassCommit(own_transactions);
+	PassCommit(pass, own_transactions);
 
 	/* Only now, with nothing open, do the new transfers start. */
 	for (i = 0; i < MAX_CONCURRENT; i++)

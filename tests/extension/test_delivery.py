@@ -356,3 +356,29 @@ def test_https_sink_verifies_the_certificate(ciflow_db, hooks, emulator, tls_dir
         assert [r["path"] for r in tls.received()] == ["/t"]
     finally:
         tls.stop()
+
+
+def test_a_sink_gets_only_what_its_owner_may_read(ciflow_db, hooks, emulator):
+    """Deliveries carry the rights of the role that added the sink: events of a
+    connection it may not use are not delivered to it."""
+    role = "delivery_adder"
+    ciflow_db.sql(f"DROP ROLE IF EXISTS {role}")
+    ciflow_db.sql(f"CREATE ROLE {role} LOGIN")
+    ciflow_db.sql(f"GRANT EXECUTE ON FUNCTION ciflow.add_sink(text, text, text, text[], text,"
+                  f" text, text, text[], text, text, boolean, text) TO {role}")
+    ciflow_db.sql(f"GRANT SELECT ON ciflow.sinks TO {role}")
+    try:
+        ciflow_db.sql("SELECT ciflow.add_sink('theirs', %s)", (hooks.url("/theirs"),), user=role)
+        assert ciflow_db.sql("SELECT name FROM ciflow.sinks", user=role) == [("theirs",)]
+        fail_refresh(ciflow_db, emulator)
+        assert deliveries(ciflow_db) == []
+        ciflow_db.sql(f"SELECT ciflow.grant_connection('emu', '{role}')")
+        ev = fail_refresh(ciflow_db, emulator, "updated")
+        assert [(r["sink"], r["event_id"]) for r in deliveries(ciflow_db)] == [("theirs", ev["id"])]
+    finally:
+        ciflow_db.sql("SELECT ciflow.drop_sink('theirs', if_exists => true)")
+        ciflow_db.sql(f"SELECT ciflow.revoke_connection('emu', '{role}')")
+        ciflow_db.sql(f"REVOKE ALL ON FUNCTION ciflow.add_sink(text, text, text, text[], text,"
+                      f" text, text, text[], text, text, boolean, text) FROM {role}")
+        ciflow_db.sql(f"REVOKE ALL ON ciflow.sinks FROM {role}")
+        ciflow_db.sql(f"DROP ROLE {role}")
