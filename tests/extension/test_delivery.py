@@ -8,12 +8,15 @@ import datetime
 import hashlib
 import hmac
 import json
+import os
+import signal
 import threading
 import time
 
 import pytest
 
 from extension.cihelpers import dict_rows, raises_sqlstate
+from harness import wait_for
 from extension.eventhelpers import RETAIL_POS, poll, set_datasource
 from extension.eventhelpers import clean  # noqa: F401 - fixture
 from extension.receivers import HttpReceiver, deliver
@@ -193,32 +196,6 @@ def test_hanging_sink_does_not_delay_a_healthy_one(ciflow_db, hooks, emulator):
     assert hang["last_status"] is None
 
 
-def test_pass_killed_mid_send_leaves_the_delivery_to_be_sent_again(ciflow_db, hooks, emulator):
-    """At least once: the claimed row is leased past the timeouts; a pass that
-    dies while its sink has the request leaves it pending, sent again with the
-    same Idempotency-Key once the lease ends."""
-    ciflow_db.sql("SELECT ciflow.add_sink('crashy', %s)", (hooks.url("/c"),))
-    hooks.script("/c", ["hang", 200])
-    ev = fail_refresh(ciflow_db, emulator)
-    conn = ciflow_db.connect()
-    pid = conn.get_backend_pid()
-    t = threading.Thread(target=lambda: _call_quietly(conn), daemon=True)
-    t.start()
-    deadline = time.monotonic() + 10
-    while not hooks.received("/c") and time.monotonic() < deadline:
-        time.sleep(0.05)
-    ciflow_db.sql("SELECT pg_terminate_backend(%s)", (pid,))
-    t.join(10)
-    row = deliveries(ciflow_db)[0]
-    assert (row["status"], row["attempts"]) == ("pending", 1)
-    # The lease: connect + request timeout + 60 s; end it now instead of waiting.
-    ciflow_db.sql("UPDATE ciflow.deliveries SET next_attempt_at = now()")
-    assert deliver(ciflow_db) == 1
-    got = hooks.received("/c")
-    assert [r["headers"]["Idempotency-Key"] for r in got] == [str(ev["id"])] * 2
-    assert deliveries(ciflow_db)[0]["status"] == "delivered"
-
-
 def _call_quietly(conn):
     try:
         with conn.cursor() as cur:
@@ -382,3 +359,46 @@ def test_a_sink_gets_only_what_its_owner_may_read(ciflow_db, hooks, emulator):
                       f" text, text, text[], text, text, boolean, text) FROM {role}")
         ciflow_db.sql(f"REVOKE ALL ON ciflow.sinks FROM {role}")
         ciflow_db.sql(f"DROP ROLE {role}")
+
+
+def test_crashes_before_and_during_a_pass_lose_nothing(private_ciflow, receiver, emulator):
+    """A server crash (SIGKILL of a backend: crash recovery ends every session)
+    right after an event is recorded keeps its delivery; one in the middle of
+    a send keeps the claimed delivery pending, and it is sent again with the
+    same Idempotency-Key."""
+    pg = private_ciflow
+    # The harness turns synchronous_commit off; a crash would lose the last commits.
+    pg.sql("ALTER DATABASE postgres SET synchronous_commit = on")
+    receiver.clear()
+    receiver.script("/crash", ["hang", 200])
+    poll(pg)
+    pg.sql("SELECT ciflow.add_sink('crash', %s)", (receiver.url("/crash"),))
+    ev = fail_refresh(pg, emulator)
+
+    def crash(pid):
+        os.kill(pid, signal.SIGKILL)
+
+        def up():
+            try:
+                return pg.sql("SELECT 1")
+            except Exception:
+                return None
+        wait_for(up, timeout=60, what="crash recovery")
+
+    victim = pg.connect()
+    crash(victim.get_backend_pid())
+    assert [(r["event_id"], r["status"], r["attempts"]) for r in deliveries(pg)] == \
+        [(ev["id"], "pending", 0)]
+
+    conn = pg.connect()
+    t = threading.Thread(target=lambda: _call_quietly(conn), daemon=True)
+    t.start()
+    wait_for(lambda: receiver.received("/crash"), timeout=10, what="the request")
+    crash(conn.get_backend_pid())
+    t.join(10)
+    assert [(r["status"], r["attempts"]) for r in deliveries(pg)] == [("pending", 1)]
+    pg.sql("UPDATE ciflow.deliveries SET next_attempt_at = now()")   # end the lease
+    assert deliver(pg) == 1
+    assert [r["headers"]["Idempotency-Key"] for r in receiver.received("/crash")] == \
+        [str(ev["id"])] * 2
+    assert deliveries(pg)[0]["status"] == "delivered"
