@@ -47,7 +47,6 @@
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/json.h"
-#include "utils/lsyscache.h"
 #include "utils/memutils.h"
 
 #include "ciflow_json.h"
@@ -1122,7 +1121,7 @@ PassCommit(Pass *pass, bool own_transactions)
  * heads into the free slots.  Returns how many it claimed.
  */
 static int
-RecordAndClaim(Pass *pass, bool own_transactions, bool claim_more)
+RecordAndClaim(Pass *pass, bool own_transactions)
 {
 	int			claimed = 0;
 	int			i;
@@ -1142,7 +1141,7 @@ RecordAndClaim(Pass *pass, bool own_transactions, bool claim_more)
 			pass->nrunning--;
 		}
 	}
-	for (i = 0; claim_more && i < MAX_CONCURRENT && pass->ntried < PASS_LIMIT; i++)
+	for (i = 0; i < MAX_CONCURRENT && pass->ntried < PASS_LIMIT; i++)
 	{
 		Datum		values[2];
 		Datum	   *ids;
@@ -1202,7 +1201,7 @@ CiflowDeliveryPass(bool own_transactions, int *attempted)
 		pass->multi = curl_multi_init();
 		if (pass->multi == NULL)
 			ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory")));
-		(void) RecordAndClaim(pass, own_transactions, true);
+		(void) RecordAndClaim(pass, own_transactions);
 		while (pass->nrunning > 0)
 		{
 			int			still;
@@ -1225,7 +1224,7 @@ CiflowDeliveryPass(bool own_transactions, int *attempted)
 			}
 			if (ended)
 			{
-				(void) RecordAndClaim(pass, own_transactions, true);
+				(void) RecordAndClaim(pass, own_transactions);
 				continue;
 			}
 			(void) curl_multi_poll(pass->multi, NULL, 0, 100, NULL);
