@@ -84,7 +84,10 @@ def test_json_delivery_is_signed_and_recorded(ciflow_db, hooks, emulator):
     assert row["delivered_at"] is not None
     assert deliver(ciflow_db) == 0
     assert len(hooks.received()) == 1
-    assert ciflow_db.sql("SHOW ciflow.delivery_max_attempts") == [("8",)]
+    with ciflow_db.connect() as conn, conn.cursor() as cur:    # the GUC needs the library
+        cur.execute("LOAD 'ciflow'")
+        cur.execute("SHOW ciflow.delivery_max_attempts")
+        assert cur.fetchone() == ("8",)
 
     sinks = dict_rows(ciflow_db, "SELECT * FROM ciflow.sinks")
     assert list(sinks[0]) == ["name", "url", "format", "kinds", "connection", "mail_from",
