@@ -29,6 +29,10 @@
  *	  staged more than once, a hash join deletes every version but the
  *	  last received (the staging heap numbers rows as they arrive).
  *
+ *	  Citus distributed tables take these statements as they are (the
+ *	  forms were chosen for that); reference tables need their staging
+ *	  table registered with Citus first (see CiflowApplyStaged).
+ *
  *	  This file changes rows only; DDL is target.c's.  It never talks to
  *	  the service or to ciflow's catalog.
  *
@@ -232,6 +236,17 @@ CiflowApplyStaged(CiflowTarget *t, const CiflowShape *shape, CiflowPublishMethod
 	else
 	{
 		CiflowCheckColumns(t, shape);
+
+		/*
+		 * The one Citus branch: Citus refuses DML on a reference table that
+		 * reads a plain local table, but accepts it once the staging table
+		 * is a Citus local table (it lives on the coordinator, beside the
+		 * reference table's placement there).  Distributed tables take the
+		 * statements below as they are.
+		 */
+		if (CiflowCitusTableKind(t->relid) == CIFLOW_CITUS_REFERENCE)
+			CiflowExecSql(psprintf("SELECT pg_catalog.citus_add_local_table_to_metadata(%s)",
+								   quote_literal_cstr(t->staging)));
 		if (shape->nkeys > 0)
 			ApplyDifference(t, shape, method == CIFLOW_PUBLISH_DIFF, counts);
 		else

@@ -27,6 +27,7 @@
 #include "access/xact.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_class.h"
+#include "catalog/pg_namespace.h"
 #include "catalog/pg_publication.h"
 #include "catalog/pg_type.h"
 #include "commands/cluster.h"
@@ -549,6 +550,41 @@ CiflowAddPrimaryKey(const CiflowTarget *t, const CiflowShape *shape)
 	SPI_finish();
 }
 
+/*
+ * Citus keeps its tables' rows in shards that only its executor writes:
+ * from its own catalog (when Citus is installed), the kind of a Citus
+ * table, or CIFLOW_CITUS_NONE.
+ */
+CiflowCitusKind
+CiflowCitusTableKind(Oid relid)
+{
+	CiflowCitusKind kind = CIFLOW_CITUS_NONE;
+	Datum		arg = ObjectIdGetDatum(relid);
+	Oid			argtype = OIDOID;
+
+	if (!OidIsValid(get_relname_relid("pg_dist_partition", PG_CATALOG_NAMESPACE)))
+		return CIFLOW_CITUS_NONE;
+	SPI_connect();
+	if (SPI_execute_with_args("SELECT p.partmethod::pg_catalog.text, p.repmodel::pg_catalog.text"
+							  " FROM pg_catalog.pg_dist_partition p"
+							  " WHERE p.logicalrelid OPERATOR(pg_catalog.=) $1::pg_catalog.regclass",
+							  1, &argtype, &arg, NULL, true, 1) == SPI_OK_SELECT &&
+		SPI_processed == 1)
+	{
+		char	   *method = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+		char	   *model = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2);
+
+		if (method[0] != 'n')
+			kind = CIFLOW_CITUS_DISTRIBUTED;
+		else if (model[0] == 't')
+			kind = CIFLOW_CITUS_REFERENCE;
+		else
+			kind = CIFLOW_CITUS_LOCAL;
+	}
+	SPI_finish();
+	return kind;
+}
+
 static void
 RefuseSwap(const CiflowTarget *t, const char *why)
 {
@@ -583,6 +619,8 @@ CiflowCheckSwap(const CiflowTarget *t)
 
 	if (!OidIsValid(t->relid))
 		return;					/* a first sync creates the table */
+	if (CiflowCitusTableKind(t->relid) != CIFLOW_CITUS_NONE)
+		RefuseSwap(t, "It is a Citus table: its rows live in shards that only Citus's executor writes, and a swap would write the coordinator's local relation, which no query reads.");
 	rel = table_open(t->relid, AccessShareLock);
 	desc = RelationGetDescr(rel);
 	if (rel->rd_rel->relkind == RELKIND_PARTITIONED_TABLE || rel->rd_rel->relispartition)

@@ -102,4 +102,15 @@ extern void CiflowDropStaging(CiflowTarget *target);
 /* Runs one statement of ciflow's own through SPI (connected by the caller). */
 extern uint64 CiflowExecSql(const char *sql);
 
+/* What Citus makes of a table (if Citus is installed at all). */
+typedef enum CiflowCitusKind
+{
+	CIFLOW_CITUS_NONE,
+	CIFLOW_CITUS_DISTRIBUTED,	/* hash- or range-distributed */
+	CIFLOW_CITUS_REFERENCE,		/* replicated to every node */
+	CIFLOW_CITUS_LOCAL			/* a Citus local table on the coordinator */
+} CiflowCitusKind;
+
+extern CiflowCitusKind CiflowCitusTableKind(Oid relid);
+
 #endif							/* CIFLOW_TARGET_H */
