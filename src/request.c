@@ -463,6 +463,14 @@ CiflowRequestPerform(const CiflowRequest *req)
 					ReportStatus(req, t.status, t.body_out, t.body_len, attempt, false);
 				wait_ms = BackoffMs(attempt);
 			}
+			else if (t.status == 404 && req->not_found_answers)
+			{
+				/* The caller has somewhere else to ask. */
+				resp.status = t.status;
+				resp.body = t.body_out;
+				resp.len = t.body_len;
+				return resp;
+			}
 			else
 				ReportStatus(req, t.status, t.body_out, t.body_len, attempt, false);
 		}
@@ -540,8 +548,14 @@ json_t *
 CiflowRequestJson(const CiflowRequest *req)
 {
 	CiflowResponse resp = CiflowRequestPerform(req);
-	json_t	   *root = CiflowParseJson(resp.body, resp.len, req->failmsg);
+	json_t	   *root;
 
+	if (resp.status == 404)
+	{
+		pfree(resp.body);
+		return NULL;
+	}
+	root = CiflowParseJson(resp.body, resp.len, req->failmsg);
 	pfree(resp.body);
 	return root;
 }

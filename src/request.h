@@ -36,6 +36,8 @@ typedef struct CiflowRequest
 								 * connection and entity) */
 	const char *detail_prefix;	/* e.g. "Token endpoint: ", or NULL */
 	const char *not_found_hint; /* HINT for a 404, or NULL */
+	bool		not_found_answers;	/* a 404 is returned (JSON: NULL), not
+									 * raised: the caller has a fallback */
 	CiflowCallStats *stats;		/* may be NULL */
 } CiflowRequest;
 
@@ -59,7 +61,8 @@ extern void CiflowSetTokenSource(CiflowTokenSource source);
 /* Returns a 2xx answer or raises an ERROR with SQLSTATE, DETAIL and HINT. */
 extern CiflowResponse CiflowRequestPerform(const CiflowRequest *req);
 
-/* Same, then parses the body as JSON (22032 when it is not JSON). */
+/* Same, then parses the body as JSON (22032 when it is not JSON); NULL for
+ * an answered 404 (not_found_answers). */
 extern json_t *CiflowRequestJson(const CiflowRequest *req);
 
 /*
