@@ -60,8 +60,8 @@ MemberString(json_t *obj, const char *key)
  * message, error_description (Entra), error.code, errorCode, error, and
  * else the first bytes of the body, made safe to print.
  */
-static char *
-ServiceMessage(const char *body, size_t len)
+char *
+CiflowServiceMessage(const char *body, size_t len)
 {
 	json_t	   *root;
 	const char *msg = NULL;
@@ -185,7 +185,7 @@ static void
 ReportStatus(const CiflowRequest *req, long status, const char *body,
 			 size_t len, int attempts, bool gateway)
 {
-	char	   *msg = ServiceMessage(body, len);
+	char	   *msg = CiflowServiceMessage(body, len);
 	const char *hint = StatusHint(req, status, gateway);
 
 	ereport(ERROR,
@@ -462,6 +462,13 @@ CiflowRequestPerform(const CiflowRequest *req)
 				if (attempt >= ciflow_settings.max_attempts)
 					ReportStatus(req, t.status, t.body_out, t.body_len, attempt, false);
 				wait_ms = BackoffMs(attempt);
+			}
+			else if (req->return_refusal && t.status >= 400 && t.status < 500)
+			{
+				resp.status = t.status;
+				resp.body = t.body_out;
+				resp.len = t.body_len;
+				return resp;
 			}
 			else
 				ReportStatus(req, t.status, t.body_out, t.body_len, attempt, false);
