@@ -273,3 +273,46 @@ def test_dataverse_incremental_with_a_filter_is_a_full_pull(ciflow_db, dv, datav
     assert run["status"] == "succeeded" and "refuses a filter" in notices, notices
     assert ciflow_db.sql("SELECT count(*) FROM dv.new_things") == [(3,)]
     assert all("track-changes" not in (c["prefer"] or "") for c in page_calls(dataverse, "new_things"))
+
+
+# ---------------------------------------------------------------------------
+# Guards hold for these flavours too
+
+def test_dataverse_paging_guards(ciflow_db, dv, dataverse):
+    from extension.cihelpers import raises_sqlstate, session, table_md5
+    sync(ciflow_db, dv, "new_things")
+    md5 = table_md5(ciflow_db, "dv.new_things")
+    with session(ciflow_db, {"ciflow.max_pages": 2}) as conn, conn.cursor() as cur:
+        with raises_sqlstate("54000") as err:
+            cur.execute("SELECT * FROM ciflow.sync('dv', 'new_things')")
+    assert "ciflow.max_pages" in err.detail, err
+    # A nextLink to another host is not followed (nor sent credentials).
+    dataverse.add_fault({"path": "/new_things$", "nth": 1},
+                        {"status": 200, "body": "raw", "headers": {"Content-Type": "application/json"},
+                         "raw": json.dumps({"value": [thing(1)],
+                                            "@odata.nextLink": "https://evil.example/x"})})
+    with raises_sqlstate("42501") as err:
+        sync(ciflow_db, dv, "new_things")
+    assert "evil.example" in err.detail, err
+    assert table_md5(ciflow_db, "dv.new_things") == md5
+
+
+def test_dataverse_failed_delta_run_keeps_the_watermark(ciflow_db, dv, dataverse):
+    from extension.cihelpers import raises_sqlstate
+    first, _ = incremental(ciflow_db, dv)
+    link = first["watermark"]["delta_link"]
+    dataverse.control("POST", "entities/Thing/rows", {"mode": "upsert", "rows": [thing(2, "x")]})
+    # A 500 on the delta link is not a refusal: retried, then the run fails.
+    dataverse.add_fault({"path": "/new_things$", "query": "deltatoken"}, {"status": 500})
+    with raises_sqlstate("08006"):
+        incremental(ciflow_db, dv)
+    dataverse.clear_faults()
+    run, notices = incremental(ciflow_db, dv)
+    assert (run["status"], run["updated"], notices) == ("succeeded", 1, ""), run
+    # The failed run asked the stored link, and so did the next one.
+    delta_calls = [c for c in page_calls(dataverse, "new_things") if "$deltatoken" in query_of(c)]
+    statuses = [c["status"] for c in delta_calls]
+    assert set(statuses[:-1]) == {500} and statuses[-1] == 200, statuses
+    assert len({query_of(c)["$deltatoken"] for c in delta_calls}) == 1
+    assert link.startswith(dataverse.root)
+    assert ciflow_db.sql("SELECT name FROM dv.new_things WHERE thing_id = 2") == [("x",)]
