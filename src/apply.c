@@ -20,6 +20,10 @@
  *	  no WHEN NOT MATCHED BY SOURCE (deletes need a statement anyway),
  *	  Citus refuses it from a local table, and it was no faster.
  *
+ *	  An incremental pull upserts: UPDATE and INSERT as above, no DELETE
+ *	  of missing keys; only the deletions a delta link reported (staged as
+ *	  marked keys) are deleted.
+ *
  *	  A first sync creates the table in this transaction, fills it with
  *	  one INSERT and adds the key afterwards (one index build instead of
  *	  200,000 insertions): a failed first sync leaves nothing.
@@ -190,6 +194,25 @@ ApplyDifference(const CiflowTarget *t, const CiflowShape *shape, bool deletes,
 				 Columns(shape, true, "s."), keys, t->staging, keys, t->qualified));
 }
 
+/*
+ * An incremental pull's deletions (a delta link's $deletedEntity entries,
+ * staged as keys marked deleted, the last version of their key): DELETE
+ * of those keys, then out of the staging heap, so that the upsert sees
+ * only changed rows.
+ */
+static int64
+ApplyDeletions(const CiflowTarget *t, const CiflowShape *shape)
+{
+	char	   *keys = Columns(shape, true, "");
+	const char *deleted = quote_identifier(CIFLOW_STAGE_DELETED);
+	int64		n;
+
+	n = (int64) CiflowExecSql(psprintf("DELETE FROM %s WHERE (%s) IN (SELECT %s FROM %s WHERE %s)",
+									   t->qualified, keys, keys, t->staging, deleted));
+	CiflowExecSql(psprintf("DELETE FROM %s WHERE %s", t->staging, deleted));
+	return n;
+}
+
 /* Every staged row into a relation (a new target, or a swap's new heap). */
 static int64
 InsertAll(const char *into, const CiflowTarget *t, const CiflowShape *shape)
@@ -247,6 +270,8 @@ CiflowApplyStaged(CiflowTarget *t, const CiflowShape *shape, CiflowPublishMethod
 		if (CiflowCitusTableKind(t->relid) == CIFLOW_CITUS_REFERENCE)
 			CiflowExecSql(psprintf("SELECT pg_catalog.citus_add_local_table_to_metadata(%s)",
 								   quote_literal_cstr(t->staging)));
+		if (method == CIFLOW_PUBLISH_UPSERT && shape->nkeys > 0)
+			counts->deleted = ApplyDeletions(t, shape);
 		if (shape->nkeys > 0)
 			ApplyDifference(t, shape, method == CIFLOW_PUBLISH_DIFF, counts);
 		else

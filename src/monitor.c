@@ -325,6 +325,7 @@ FetchWithFallback(const CiflowConnection *conn, const char *path, const char *fa
 				  const char *failmsg)
 {
 	CiflowRequest req;
+	CiflowResponse resp;
 	json_t	   *root;
 
 	memset(&req, 0, sizeof(req));
@@ -333,16 +334,20 @@ FetchWithFallback(const CiflowConnection *conn, const char *path, const char *fa
 					   CiflowPathSegment(conn->instance_id, "instance_id"), path);
 	req.api_call = true;
 	req.failmsg = failmsg;
-	req.not_found_answers = fallback != NULL;
-	root = CiflowRequestJson(&req);
-	if (root == NULL)
+	req.return_refusal = fallback != NULL;
+	resp = CiflowRequestPerform(&req);
+	if (resp.status == 404)
 	{
 		path = fallback;
 		req.url = psprintf("%s/instances/%s/%s", conn->base_url,
 						   CiflowPathSegment(conn->instance_id, "instance_id"), path);
-		req.not_found_answers = false;
-		root = CiflowRequestJson(&req);
+		req.return_refusal = false;
+		resp = CiflowRequestPerform(&req);
 	}
+	else if (resp.status >= 400)
+		CiflowRaiseRefusal(&req, &resp);
+	root = CiflowParseJson(resp.body, resp.len, failmsg);
+	pfree(resp.body);
 	if (!json_is_array(root))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_JSON_TEXT),

@@ -340,6 +340,44 @@ ShapeColumn(const CiflowShape *shape, const char *name)
 	return NULL;
 }
 
+/* The target's live column of that name, or NULL. */
+static Form_pg_attribute
+TargetAttribute(TupleDesc desc, const char *name)
+{
+	int			a;
+
+	for (a = 0; a < desc->natts; a++)
+	{
+		Form_pg_attribute att = TupleDescAttr(desc, a);
+
+		if (!att->attisdropped && strcmp(NameStr(att->attname), name) == 0)
+			return att;
+	}
+	return NULL;
+}
+
+/*
+ * Targets created before the Edm map was widened hold jsonb columns for
+ * Int16, Single, Binary, TimeOfDay and the like.  Such a column keeps
+ * being loaded as jsonb (the shape, hence the staging heap, says so)
+ * rather than failing the sync: converting it is the user's choice, with
+ * ALTER TABLE ... ALTER COLUMN ... TYPE.
+ */
+static void
+KeepJsonbColumns(CiflowShape *shape, TupleDesc desc)
+{
+	int			c;
+
+	for (c = 0; c < shape->ncolumns; c++)
+	{
+		CiflowColumn *col = &shape->columns[c];
+		Form_pg_attribute att = TargetAttribute(desc, col->name);
+
+		if (att != NULL && att->atttypid == JSONBOID)
+			col->typid = JSONBOID;
+	}
+}
+
 /*
  * Matches the target's columns with the shape's; returns the shape's
  * columns the target lacks.  A column whose type changed, an entity column
@@ -358,15 +396,9 @@ MatchColumns(const CiflowTarget *t, const CiflowShape *shape, Relation rel)
 	for (c = 0; c < shape->ncolumns; c++)
 	{
 		const CiflowColumn *col = &shape->columns[c];
-		Form_pg_attribute att = NULL;
+		Form_pg_attribute att = TargetAttribute(desc, col->name);
 
-		for (a = 0; a < desc->natts; a++)
-		{
-			att = TupleDescAttr(desc, a);
-			if (!att->attisdropped && strcmp(NameStr(att->attname), col->name) == 0)
-				break;
-		}
-		if (a == desc->natts)
+		if (att == NULL)
 			missing = lappend(missing, (void *) col);
 		else if (att->atttypid != col->typid)
 			ereport(ERROR,
@@ -450,7 +482,10 @@ StagingName(const CiflowTarget *t)
 												 (int) strlen(qualified), 0));
 }
 
-/* Columns are the shape's, plus the order of arrival (for duplicates). */
+/*
+ * Columns are the shape's, plus the order of arrival (for duplicates) and
+ * the mark of a deletion (delta pulls).
+ */
 static void
 CreateStaging(CiflowTarget *t, const CiflowShape *shape, Oid nspid)
 {
@@ -473,14 +508,14 @@ CreateStaging(CiflowTarget *t, const CiflowShape *shape, Oid nspid)
 	for (i = 0; i < shape->ncolumns; i++)
 		appendStringInfo(&sql, "%s, ", ColumnDefinition(&shape->columns[i]));
 	/* autovacuum would only get in the way of a table that lives minutes. */
-	appendStringInfo(&sql, "%s pg_catalog.int8) WITH (autovacuum_enabled = false)",
-					 quote_identifier(CIFLOW_STAGE_SEQ));
+	appendStringInfo(&sql, "%s pg_catalog.int8, %s pg_catalog.bool) WITH (autovacuum_enabled = false)",
+					 quote_identifier(CIFLOW_STAGE_SEQ), quote_identifier(CIFLOW_STAGE_DELETED));
 	CiflowExecSql(sql.data);
 	t->staging_relid = get_relname_relid(name, nspid);
 }
 
 void
-CiflowPrepareTarget(CiflowTarget *t, const CiflowShape *shape)
+CiflowPrepareTarget(CiflowTarget *t, CiflowShape *shape)
 {
 	Oid			nspid;
 	ListCell   *lc;
@@ -492,7 +527,10 @@ CiflowPrepareTarget(CiflowTarget *t, const CiflowShape *shape)
 	if (!t->is_new)
 	{
 		Relation	rel = table_open(t->relid, AccessShareLock);
-		List	   *missing = MatchColumns(t, shape, rel);
+		List	   *missing;
+
+		KeepJsonbColumns(shape, RelationGetDescr(rel));
+		missing = MatchColumns(t, shape, rel);
 
 		/*
 		 * Closed (the lock kept) before the ALTER: an ALTER of a relation
