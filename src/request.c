@@ -60,8 +60,8 @@ MemberString(json_t *obj, const char *key)
  * message, error_description (Entra), error.code, errorCode, error, and
  * else the first bytes of the body, made safe to print.
  */
-static char *
-ServiceMessage(const char *body, size_t len)
+char *
+CiflowServiceMessage(const char *body, size_t len)
 {
 	json_t	   *root;
 	const char *msg = NULL;
@@ -185,7 +185,7 @@ static void
 ReportStatus(const CiflowRequest *req, long status, const char *body,
 			 size_t len, int attempts, bool gateway)
 {
-	char	   *msg = ServiceMessage(body, len);
+	char	   *msg = CiflowServiceMessage(body, len);
 	const char *hint = StatusHint(req, status, gateway);
 
 	ereport(ERROR,
@@ -463,6 +463,13 @@ CiflowRequestPerform(const CiflowRequest *req)
 					ReportStatus(req, t.status, t.body_out, t.body_len, attempt, false);
 				wait_ms = CiflowBackoffMs(attempt);
 			}
+			else if (req->return_refusal && t.status >= 400 && t.status < 500)
+			{
+				resp.status = t.status;
+				resp.body = t.body_out;
+				resp.len = t.body_len;
+				return resp;
+			}
 			else
 				ReportStatus(req, t.status, t.body_out, t.body_len, attempt, false);
 		}
@@ -536,12 +543,25 @@ CiflowParseJson(const char *body, size_t len, const char *failmsg)
 	return root;
 }
 
+void
+CiflowRaiseRefusal(const CiflowRequest *req, const CiflowResponse *resp)
+{
+	ReportStatus(req, resp->status, resp->body, resp->len, 1, false);
+	pg_unreachable();
+}
+
 json_t *
 CiflowRequestJson(const CiflowRequest *req)
 {
 	CiflowResponse resp = CiflowRequestPerform(req);
-	json_t	   *root = CiflowParseJson(resp.body, resp.len, req->failmsg);
+	json_t	   *root;
 
+	if (resp.status >= 400)
+	{
+		pfree(resp.body);
+		return NULL;
+	}
+	root = CiflowParseJson(resp.body, resp.len, req->failmsg);
 	pfree(resp.body);
 	return root;
 }
