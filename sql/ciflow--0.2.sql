@@ -646,4 +646,4 @@ COMMENT ON FUNCTION ciflow.drop_sink(text, boolean) IS
 COMMENT ON FUNCTION ciflow.retry_delivery(bigint) IS
     'Queues a failed delivery again, due now, with a fresh count of attempts.';
 COMMENT ON PROCEDURE ciflow.deliver(integer) IS
-    'One delivery pass: sends the due head delivery of every sink (at most one per sink, concurrently, each bounded by the timeouts) and records the outcomes; returns how many it attempted. CALL it outside a transaction block.';
+    'One delivery pass: sends the due head delivery of each sink (one at a time per sink, up to 16 at once, each bounded by the timeouts), records each outcome and goes on with that sink''s next delivery; returns how many it attempted (each at most once). CALL it outside a transaction block.';

@@ -92,10 +92,10 @@ def plant_traps(db):
 def attacker(ciflow_db, pg_cluster):
     pg_cluster.create_role(ATTACKER)
     db = ciflow_db
-    for grant in ("GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA ciflow TO {r}",
+    for grant in ("GRANT EXECUTE ON ALL ROUTINES IN SCHEMA ciflow TO {r}",
                   "GRANT SELECT ON ciflow.connections, ciflow.sync_runs,"
                   " ciflow.sync_progress, ciflow.events, ciflow.refresh_states,"
-                  " ciflow.thresholds TO {r}",
+                  " ciflow.thresholds, ciflow.sinks, ciflow.deliveries TO {r}",
                   "GRANT CREATE ON DATABASE {d} TO {r}"):
         db.sql(grant.format(r=ATTACKER, d=qident(db.name)))
     plant_traps(db)
@@ -127,6 +127,11 @@ def calls_for(emulator):
     sync = "SELECT status FROM ciflow.sync('emu', 'Customer', target => 'mallory.customer')"
     return [
         ("create_connection", "create_connection", create, create_params),
+        # A sink first: the events of the sync and the polls below are queued for it.
+        ("add_sink", "add_sink",
+         "SELECT ciflow.add_sink('mal-sink', 'http://127.0.0.1:9/hook', secret => 'k')", None),
+        ("sink_owned_by", "sink_owned_by",
+         "SELECT ciflow.sink_owned_by('mal-sink', 'mallory')", None),
         ("alter_connection", "alter_connection",
          "SELECT ciflow.alter_connection('mal_conn', page_size => 50)", None),
         ("grant_connection", "grant_connection",
@@ -158,11 +163,16 @@ def calls_for(emulator):
          "SELECT ciflow.connection_owned_by('emu', 'mallory')", None),
         ("connection_usable_by", "connection_usable_by",
          "SELECT ciflow.connection_usable_by('emu', 'mallory')", None),
+        ("deliver", "deliver", "CALL ciflow.deliver()", None),
+        ("retry_delivery", "retry_delivery",
+         "SELECT ciflow.retry_delivery(max(id)) FROM ciflow.deliveries", None),
+        ("drop_sink", "drop_sink", "SELECT ciflow.drop_sink('mal-sink')", None),
         ("relations", None,
          "SELECT (SELECT count(*) FROM ciflow.connections), (SELECT count(*) FROM ciflow.sync_runs),"
          " (SELECT count(*) FROM ciflow.sync_progress), (SELECT count(*) FROM ciflow.events),"
          " (SELECT count(*) FROM ciflow.refresh_states),"
-         " (SELECT count(*) FROM ciflow.thresholds)", None),
+         " (SELECT count(*) FROM ciflow.thresholds), (SELECT count(*) FROM ciflow.sinks),"
+         " (SELECT count(*) FROM ciflow.deliveries)", None),
         ("drop_connection", "drop_connection", "SELECT ciflow.drop_connection('mal_conn')", None),
         ("denied get_entities", "get_entities",
          "SELECT count(*) FROM ciflow.get_entities('mal_gone')", None),
@@ -228,6 +238,9 @@ def test_planted_operators_and_lookalikes_never_run_elevated(
     assert outcomes["incremental sync"] == [("succeeded",)], outcomes
     assert isinstance(outcomes["poll again"], list), outcomes
     assert isinstance(outcomes["add_threshold"], list), outcomes
+    assert outcomes["add_sink"] == [("",)], outcomes
+    assert outcomes["deliver"][0][0] >= 1, outcomes        # the syncs' events, queued
+    assert outcomes["drop_sink"] == [("",)], outcomes
     assert isinstance(outcomes["relations"], list), outcomes
     assert outcomes["denied get_entities"].startswith("42704"), outcomes
 
