@@ -144,16 +144,21 @@ def test_retries_back_off_then_give_up_and_retry_delivery_requeues(ciflow_db, ho
     assert [json.loads(r["body"])["id"] for r in hooks.received("/flaky")] == [ev["id"]] * 4
 
 
-def test_other_4xx_fail_at_once_and_429_waits_retry_after(ciflow_db, hooks, emulator):
+def test_other_4xx_and_redirects_fail_at_once_and_429_waits_retry_after(ciflow_db, hooks, emulator):
     ciflow_db.sql("SELECT ciflow.add_sink('gone', %s)", (hooks.url("/gone"),))
     ciflow_db.sql("SELECT ciflow.add_sink('busy', %s)", (hooks.url("/busy"),))
+    ciflow_db.sql("SELECT ciflow.add_sink('moved', %s)", (hooks.url("/moved"),))
     hooks.script("/gone", [404])
     hooks.script("/busy", [(429, {"Retry-After": "30"})])
+    hooks.script("/moved", [(302, {"Location": hooks.url("/elsewhere")})])
     fail_refresh(ciflow_db, emulator)
-    assert deliver(ciflow_db, {"ciflow.max_retry_after": 5}) == 2
+    assert deliver(ciflow_db, {"ciflow.max_retry_after": 5}) == 3
     rows = {r["sink"]: r for r in deliveries(ciflow_db)}
     assert (rows["gone"]["status"], rows["gone"]["attempts"], rows["gone"]["last_status"]) == \
         ("failed", 1, 404)
+    # Redirects are not followed: a 3xx is the sink's final answer.
+    assert (rows["moved"]["status"], rows["moved"]["last_status"]) == ("failed", 302)
+    assert hooks.received("/elsewhere") == []
     busy = rows["busy"]
     assert (busy["status"], busy["last_status"]) == ("pending", 429)
     wait = dict_rows(ciflow_db, "SELECT extract(epoch FROM next_attempt_at - clock_timestamp())"
