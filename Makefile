@@ -26,7 +26,8 @@ OBJS = \
 	src/events.o \
 	src/monitor.o \
 	src/jobs.o \
-	src/launcher.o
+	src/launcher.o \
+	src/delivery.o
 
 EXTENSION = ciflow
 DATA = sql/ciflow--0.1.sql sql/ciflow--0.1--0.2.sql sql/ciflow--0.2.sql

@@ -439,6 +439,153 @@ REVOKE ALL ON FUNCTION ciflow.edm_type(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION ciflow.edm_value(jsonb, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION ciflow.describe_entity(text, text) FROM PUBLIC;
 
+/*
+ * ---- Delivering events (issue 13): sinks and the outbox ----
+ * This block ends both ciflow--0.2.sql and ciflow--0.1--0.2.sql, verbatim.
+ * src/delivery.c owns the behaviour: src/events.c calls it to record one
+ * delivery per matching sink in the transaction that records an event, and
+ * a delivery pass (ciflow.deliver, later the worker) sends them.
+ */
+CREATE TABLE ciflow.sink_settings (
+    name         text PRIMARY KEY
+                 CHECK (name ~ '^[a-z0-9_-]+$' AND octet_length(name) < 64),
+    url          text NOT NULL,
+    format       text NOT NULL DEFAULT 'json'
+                 CHECK (format IN ('json', 'teams', 'slack', 'mail')),
+    kinds        text[],
+    connection   text,
+    mail_from    text,
+    mail_to      text[],
+    username     text,
+    require_tls  boolean NOT NULL DEFAULT false,
+    ca_file      text,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    owner        regrole NOT NULL,   -- deliveries carry this role's rights
+    CHECK ((format = 'mail') = (mail_from IS NOT NULL AND mail_to IS NOT NULL))
+);
+
+CREATE TABLE ciflow.sink_secrets (
+    sink      text PRIMARY KEY
+              REFERENCES ciflow.sink_settings (name) ON DELETE CASCADE,
+    secret    text,
+    password  text
+);
+ALTER TABLE ciflow.sink_secrets ENABLE ROW LEVEL SECURITY;
+ALTER TABLE ciflow.sink_secrets FORCE ROW LEVEL SECURITY;
+
+/*
+ * The outbox.  A pending row is due at next_attempt_at; a pass that claims
+ * it counts the attempt and moves next_attempt_at past its timeouts, so a
+ * pass that dies mid-send leaves it to be sent again (at least once).
+ */
+CREATE TABLE ciflow.deliveries (
+    id               bigserial PRIMARY KEY,
+    event_id         bigint NOT NULL REFERENCES ciflow.events (id) ON DELETE CASCADE,
+    sink             text NOT NULL
+                     REFERENCES ciflow.sink_settings (name) ON DELETE CASCADE,
+    status           text NOT NULL DEFAULT 'pending'
+                     CHECK (status IN ('pending', 'delivered', 'failed')),
+    attempts         integer NOT NULL DEFAULT 0,
+    last_status      integer,
+    last_error       text,
+    next_attempt_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
+    delivered_at     timestamptz,
+    UNIQUE (sink, event_id)
+);
+CREATE INDEX deliveries_pending ON ciflow.deliveries (sink, event_id) WHERE status = 'pending';
+CREATE INDEX deliveries_event ON ciflow.deliveries (event_id);
+
+SELECT pg_catalog.pg_extension_config_dump('ciflow.sink_settings', '');
+SELECT pg_catalog.pg_extension_config_dump('ciflow.sink_secrets', '');
+SELECT pg_catalog.pg_extension_config_dump('ciflow.deliveries', '');
+SELECT pg_catalog.pg_extension_config_dump('ciflow.deliveries_id_seq', '');
+
+/* Whether a role added a sink (or is a member of the role that did). */
+CREATE FUNCTION ciflow.sink_owned_by(sink text, role name)
+RETURNS boolean
+LANGUAGE sql STABLE STRICT SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT EXISTS (SELECT 1 FROM ciflow.sink_settings s
+                    WHERE s.name OPERATOR(pg_catalog.=) $1
+                      AND pg_catalog.pg_has_role($2, s.owner::pg_catalog.oid, 'USAGE'))
+$$;
+
+/* A role sees the deliveries of the sinks it added (or is a member of the adder). */
+ALTER TABLE ciflow.deliveries ENABLE ROW LEVEL SECURITY;
+CREATE POLICY deliveries_visible ON ciflow.deliveries FOR SELECT
+    USING (ciflow.sink_owned_by(sink, current_user));
+
+CREATE VIEW ciflow.sinks AS
+    SELECT s.name, s.url, s.format, s.kinds, s.connection, s.mail_from, s.mail_to,
+           x.secret IS NOT NULL   AS has_secret,
+           x.password IS NOT NULL AS has_password,
+           s.created_at
+      FROM ciflow.sink_settings s
+      LEFT JOIN ciflow.sink_secrets x ON x.sink OPERATOR(pg_catalog.=) s.name
+     WHERE pg_catalog.pg_has_role(s.owner::pg_catalog.oid, 'USAGE');
+
+CREATE FUNCTION ciflow.add_sink(
+    name        text,
+    url         text,
+    format      text    DEFAULT 'json',
+    kinds       text[]  DEFAULT NULL,
+    connection  text    DEFAULT NULL,
+    secret      text    DEFAULT NULL,
+    mail_from   text    DEFAULT NULL,
+    mail_to     text[]  DEFAULT NULL,
+    username    text    DEFAULT NULL,
+    password    text    DEFAULT NULL,
+    require_tls boolean DEFAULT false,
+    ca_file     text    DEFAULT NULL)
+RETURNS void
+LANGUAGE C CALLED ON NULL INPUT VOLATILE
+AS 'MODULE_PATHNAME', 'ciflow_add_sink';
+
+CREATE FUNCTION ciflow.drop_sink(name text, if_exists boolean DEFAULT false)
+RETURNS void
+LANGUAGE C CALLED ON NULL INPUT VOLATILE
+AS 'MODULE_PATHNAME', 'ciflow_drop_sink';
+
+CREATE FUNCTION ciflow.retry_delivery(id bigint)
+RETURNS void
+LANGUAGE C STRICT VOLATILE
+AS 'MODULE_PATHNAME', 'ciflow_retry_delivery';
+
+/* A procedure: it commits between claiming, sending and recording. */
+CREATE PROCEDURE ciflow.deliver(INOUT attempted integer DEFAULT NULL)
+LANGUAGE C
+AS 'MODULE_PATHNAME', 'ciflow_deliver';
+
+REVOKE ALL ON ciflow.sink_settings, ciflow.sink_secrets, ciflow.deliveries, ciflow.sinks FROM PUBLIC;
+REVOKE ALL ON SEQUENCE ciflow.deliveries_id_seq FROM PUBLIC;
+REVOKE ALL ON FUNCTION ciflow.add_sink(text, text, text, text[], text, text, text, text[], text, text, boolean, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION ciflow.drop_sink(text, boolean) FROM PUBLIC;
+REVOKE ALL ON FUNCTION ciflow.retry_delivery(bigint) FROM PUBLIC;
+REVOKE ALL ON PROCEDURE ciflow.deliver(integer) FROM PUBLIC;
+-- The policy on deliveries calls it as whoever reads the table.
+REVOKE ALL ON FUNCTION ciflow.sink_owned_by(text, name) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION ciflow.sink_owned_by(text, name) TO PUBLIC;
+
+COMMENT ON TABLE ciflow.sink_settings IS
+    'Where events are delivered (ciflow.add_sink): everything but the secrets. Deliveries carry the rights of owner, the role that added the sink.';
+COMMENT ON TABLE ciflow.sink_secrets IS
+    'Webhook secrets and SMTP passwords of the sinks, read only by ciflow''s C code; row-level security without a policy hides them from everyone but superusers.';
+COMMENT ON TABLE ciflow.deliveries IS
+    'The outbox: one row per event and matching sink, recorded with the event; status pending, delivered or failed, with every attempt''s outcome. Rows go with their event (ciflow.event_retention) or their sink.';
+COMMENT ON FUNCTION ciflow.sink_owned_by(text, name) IS
+    'Whether a role added a sink (or is a member of the role that did); used by the row-level security policy of ciflow.deliveries.';
+COMMENT ON VIEW ciflow.sinks IS
+    'The sinks the current role added, with whether a secret and a password are set (never the secrets).';
+COMMENT ON FUNCTION ciflow.add_sink(text, text, text, text[], text, text, text, text[], text, text, boolean, text) IS
+    'Adds a sink (json, teams or slack webhook, or mail over SMTP) that receives the matching events recorded from now on.';
+COMMENT ON FUNCTION ciflow.drop_sink(text, boolean) IS
+    'Drops a sink with its secrets and its deliveries (pending ones are discarded).';
+COMMENT ON FUNCTION ciflow.retry_delivery(bigint) IS
+    'Queues a failed delivery again, due now, with a fresh count of attempts.';
+COMMENT ON PROCEDURE ciflow.deliver(integer) IS
+    'One delivery pass: sends the due head delivery of each sink (one at a time per sink, up to 16 at once, each bounded by the timeouts), records each outcome and goes on with that sink''s next delivery; returns how many it attempted (each at most once). CALL it outside a transaction block.';
+
 -- ---------------------------------------------------------------------
 -- 0.2 (worker): jobs that the launcher background worker runs.
 -- ---------------------------------------------------------------------

@@ -20,6 +20,10 @@
  *	  no WHEN NOT MATCHED BY SOURCE (deletes need a statement anyway),
  *	  Citus refuses it from a local table, and it was no faster.
  *
+ *	  An incremental pull upserts: UPDATE and INSERT as above, no DELETE
+ *	  of missing keys; only the deletions a delta link reported (staged as
+ *	  marked keys) are deleted.
+ *
  *	  A first sync creates the table in this transaction, fills it with
  *	  one INSERT and adds the key afterwards (one index build instead of
  *	  200,000 insertions): a failed first sync leaves nothing.
@@ -28,6 +32,10 @@
  *	  dropped before that, in linear time: a hash aggregate finds the keys
  *	  staged more than once, a hash join deletes every version but the
  *	  last received (the staging heap numbers rows as they arrive).
+ *
+ *	  Citus distributed tables take these statements as they are (the
+ *	  forms were chosen for that); reference tables need their staging
+ *	  table registered with Citus first (see CiflowApplyStaged).
  *
  *	  This file changes rows only; DDL is target.c's.  It never talks to
  *	  the service or to ciflow's catalog.
@@ -186,6 +194,25 @@ ApplyDifference(const CiflowTarget *t, const CiflowShape *shape, bool deletes,
 				 Columns(shape, true, "s."), keys, t->staging, keys, t->qualified));
 }
 
+/*
+ * An incremental pull's deletions (a delta link's $deletedEntity entries,
+ * staged as keys marked deleted, the last version of their key): DELETE
+ * of those keys, then out of the staging heap, so that the upsert sees
+ * only changed rows.
+ */
+static int64
+ApplyDeletions(const CiflowTarget *t, const CiflowShape *shape)
+{
+	char	   *keys = Columns(shape, true, "");
+	const char *deleted = quote_identifier(CIFLOW_STAGE_DELETED);
+	int64		n;
+
+	n = (int64) CiflowExecSql(psprintf("DELETE FROM %s WHERE (%s) IN (SELECT %s FROM %s WHERE %s)",
+									   t->qualified, keys, keys, t->staging, deleted));
+	CiflowExecSql(psprintf("DELETE FROM %s WHERE %s", t->staging, deleted));
+	return n;
+}
+
 /* Every staged row into a relation (a new target, or a swap's new heap). */
 static int64
 InsertAll(const char *into, const CiflowTarget *t, const CiflowShape *shape)
@@ -232,6 +259,19 @@ CiflowApplyStaged(CiflowTarget *t, const CiflowShape *shape, CiflowPublishMethod
 	else
 	{
 		CiflowCheckColumns(t, shape);
+
+		/*
+		 * The one Citus branch: Citus refuses DML on a reference table that
+		 * reads a plain local table, but accepts it once the staging table
+		 * is a Citus local table (it lives on the coordinator, beside the
+		 * reference table's placement there).  Distributed tables take the
+		 * statements below as they are.
+		 */
+		if (CiflowCitusTableKind(t->relid) == CIFLOW_CITUS_REFERENCE)
+			CiflowExecSql(psprintf("SELECT pg_catalog.citus_add_local_table_to_metadata(%s)",
+								   quote_literal_cstr(t->staging)));
+		if (method == CIFLOW_PUBLISH_UPSERT && shape->nkeys > 0)
+			counts->deleted = ApplyDeletions(t, shape);
 		if (shape->nkeys > 0)
 			ApplyDifference(t, shape, method == CIFLOW_PUBLISH_DIFF, counts);
 		else

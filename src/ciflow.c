@@ -133,6 +133,13 @@ _PG_init(void)
 							30 * 24 * 3600, 1, INT_MAX,
 							PGC_SIGHUP, GUC_UNIT_S,
 							NULL, NULL, NULL);
+	DefineCustomIntVariable("ciflow.delivery_max_attempts",
+							"Attempts per event delivery (the first included) before it is marked failed.",
+							"Applies to 5xx, 408, 429 and transport failures; other answers fail at once.",
+							&ciflow_settings.delivery_max_attempts,
+							8, 1, 100,
+							PGC_SUSET, 0,
+							NULL, NULL, NULL);
 
 	MarkGUCPrefixReserved("ciflow");
 

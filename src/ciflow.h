@@ -29,6 +29,7 @@ typedef struct CiflowSettings
 	int			run_retention_s;	/* ciflow.sync_runs rows older than this go */
 	int			max_concurrent_jobs;	/* the launcher's children at once */
 	int			max_backoff_s;	/* longest back-off of a failing job */
+	int			delivery_max_attempts;	/* per event delivery, first included */
 } CiflowSettings;
 
 extern CiflowSettings ciflow_settings;

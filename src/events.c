@@ -29,6 +29,7 @@
 
 #include "catalog.h"
 #include "ciflow.h"
+#include "delivery.h"
 #include "events.h"
 #include "launcher.h"
 
@@ -247,6 +248,7 @@ CiflowEventInsert(const CiflowEvent *ev, TupleDesc *desc)
 		return NULL;			/* recorded before: no second announcement */
 
 	id = DatumGetInt64(heap_getattr(tup, 1, *desc, &isnull));
+	CiflowDeliveryEnqueue(id);	/* the outbox: commits with the event */
 	note = NotificationPayload(ev, id);
 	Notify("ciflow_events", note);
 	Notify(psprintf("ciflow_%s", ev->kind), note);

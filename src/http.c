@@ -283,8 +283,28 @@ CiflowHttpTransfer(CiflowTransfer *t)
 	t->body_len = buf.len;
 }
 
+/* Whether scheme is one of the NULL-terminated list (any case). */
+static bool
+SchemeIn(const char *scheme, const char *const *schemes)
+{
+	for (; *schemes != NULL; schemes++)
+	{
+		if (pg_strcasecmp(scheme, *schemes) == 0)
+			return true;
+	}
+	return false;
+}
+
 bool
 CiflowParseUrl(const char *url, char **origin)
+{
+	static const char *const web[] = {"http", "https", NULL};
+
+	return CiflowParseUrlSchemes(url, web, origin);
+}
+
+bool
+CiflowParseUrlSchemes(const char *url, const char *const *schemes, char **origin)
 {
 	CURLU	   *u = curl_url();
 	char	   *scheme = NULL;
@@ -303,7 +323,7 @@ CiflowParseUrl(const char *url, char **origin)
 		curl_url_get(u, CURLUPART_SCHEME, &scheme, 0) == CURLUE_OK &&
 		curl_url_get(u, CURLUPART_HOST, &host, 0) == CURLUE_OK &&
 		curl_url_get(u, CURLUPART_PORT, &port, CURLU_DEFAULT_PORT) == CURLUE_OK &&
-		(pg_strcasecmp(scheme, "http") == 0 || pg_strcasecmp(scheme, "https") == 0) &&
+		SchemeIn(scheme, schemes) &&
 		host[0] != '\0' &&
 		curl_url_get(u, CURLUPART_USER, &user, 0) == CURLUE_NO_USER)
 	{

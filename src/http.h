@@ -50,6 +50,10 @@ extern void CiflowHttpTransfer(CiflowTransfer *t);
  */
 extern bool CiflowParseUrl(const char *url, char **origin);
 
+/* The same for a URL whose scheme is one of schemes (NULL-terminated). */
+extern bool CiflowParseUrlSchemes(const char *url, const char *const *schemes,
+								  char **origin);
+
 /* Resolves a possibly relative reference against base (RFC 3986). */
 extern char *CiflowResolveUrl(const char *base, const char *ref);
 

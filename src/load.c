@@ -24,6 +24,7 @@
 
 #include "convert.h"
 #include "load.h"
+#include "odata.h"
 
 #define LOAD_BATCH 1000
 
@@ -34,6 +35,8 @@ struct CiflowLoader
 	int		   *source;			/* per attribute: shape column, or -1 */
 	CiflowConverter *conv;		/* per attribute with a source */
 	int			seq_attno;		/* CIFLOW_STAGE_SEQ's index, or -1 */
+	int			deleted_attno;	/* CIFLOW_STAGE_DELETED's index, or -1 */
+	bool		deletions;		/* a delta pull: $deletedEntity entries */
 	int64		seq;			/* rows numbered so far in the run */
 	TupleTableSlot *slots[LOAD_BATCH];
 	int			nslots;
@@ -66,6 +69,7 @@ CiflowLoaderCreate(const CiflowShape *shape, Relation staging, MemoryContext cxt
 	 * NULL.
 	 */
 	ld->seq_attno = -1;
+	ld->deleted_attno = -1;
 	for (i = 0; i < ld->desc->natts; i++)
 	{
 		Form_pg_attribute att = TupleDescAttr(ld->desc, i);
@@ -76,6 +80,8 @@ CiflowLoaderCreate(const CiflowShape *shape, Relation staging, MemoryContext cxt
 			continue;
 		if (strcmp(NameStr(att->attname), CIFLOW_STAGE_SEQ) == 0)
 			ld->seq_attno = i;
+		if (strcmp(NameStr(att->attname), CIFLOW_STAGE_DELETED) == 0)
+			ld->deleted_attno = i;
 		for (c = 0; c < shape->ncolumns; c++)
 		{
 			if (strcmp(NameStr(att->attname), shape->columns[c].name) == 0)
@@ -88,6 +94,29 @@ CiflowLoaderCreate(const CiflowShape *shape, Relation staging, MemoryContext cxt
 	}
 	MemoryContextSwitchTo(old);
 	return ld;
+}
+
+void
+CiflowLoaderAcceptDeletions(CiflowLoader *ld, bool accept)
+{
+	if (accept && ld->shape->nkeys != 1)
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("entity \"%s\" has %d key columns; a delta link names a deleted row by one",
+						ld->shape->entity, ld->shape->nkeys)));
+	ld->deletions = accept;
+}
+
+/* A delta link's deletion: {"@odata.context": ".../$deletedEntity", "id": ...}. */
+static bool
+IsDeletion(json_t *row)
+{
+	const char *context = CiflowJsonString(row, "@odata.context");
+	size_t		len = context ? strlen(context) : 0;
+	static const char suffix[] = "$deletedEntity";
+
+	return len >= sizeof(suffix) - 1 &&
+		strcmp(context + len - (sizeof(suffix) - 1), suffix) == 0;
 }
 
 static void
@@ -107,6 +136,7 @@ LoadErrorContext(void *arg)
 static void
 FillSlot(CiflowLoader *ld, TupleTableSlot *slot, json_t *row)
 {
+	bool		deletion;
 	int			i;
 
 	ExecClearTuple(slot);
@@ -115,6 +145,7 @@ FillSlot(CiflowLoader *ld, TupleTableSlot *slot, json_t *row)
 				(errcode(ERRCODE_INVALID_JSON_TEXT),
 				 errmsg("a row of entity \"%s\" is not a JSON object", ld->shape->entity)));
 
+	deletion = ld->deletions && IsDeletion(row);
 	for (i = 0; i < ld->desc->natts; i++)
 	{
 		Form_pg_attribute att = TupleDescAttr(ld->desc, i);
@@ -126,17 +157,24 @@ FillSlot(CiflowLoader *ld, TupleTableSlot *slot, json_t *row)
 			slot->tts_values[i] = Int64GetDatum(++ld->seq);
 			slot->tts_isnull[i] = false;
 		}
-		else if (c < 0)
+		else if (i == ld->deleted_attno && deletion)
+		{
+			slot->tts_values[i] = BoolGetDatum(true);
+			slot->tts_isnull[i] = false;
+		}
+		else if (c < 0 || (deletion && !ld->shape->columns[c].is_key))
 		{
 			slot->tts_values[i] = (Datum) 0;
 			slot->tts_isnull[i] = true;
 		}
 		else
 			slot->tts_values[i] = CiflowConvert(&ld->conv[i],
-												json_object_get(row, ld->shape->columns[c].remote_name),
+												json_object_get(row, deletion ? "id" :
+																ld->shape->columns[c].remote_name),
 												&slot->tts_isnull[i]);
+		/* A deletion fills its key alone. */
 		if (slot->tts_isnull[i] &&
-			(att->attnotnull || (c >= 0 && ld->shape->columns[c].is_key)))
+			((att->attnotnull && !deletion) || (c >= 0 && ld->shape->columns[c].is_key)))
 			ereport(ERROR,
 					(errcode(ERRCODE_NOT_NULL_VIOLATION),
 					 errmsg("null value in column \"%s\" of entity \"%s\"",

@@ -22,6 +22,13 @@ typedef struct CiflowLoader CiflowLoader;
 extern CiflowLoader *CiflowLoaderCreate(const CiflowShape *shape,
 										Relation staging, MemoryContext cxt);
 
+/*
+ * A delta pull's pages also hold deletions ({"@odata.context":
+ * ".../$deletedEntity", "id": key}): staged as the key alone, marked in
+ * CIFLOW_STAGE_DELETED.  Needs a single-column key.  Off by default.
+ */
+extern void CiflowLoaderAcceptDeletions(CiflowLoader *loader, bool accept);
+
 /* Inserts one page's rows; returns how many.  page_no is for messages. */
 extern int	CiflowLoadPage(CiflowLoader *loader, Relation staging,
 						   json_t *rows, int page_no);

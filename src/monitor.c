@@ -315,11 +315,17 @@ RequireCustomerInsights(const CiflowConnection *conn)
 				 errhint("Use a connection of flavor customer_insights with an instance_id.")));
 }
 
-/* One GET of the instance's management API; must answer a JSON array. */
+/*
+ * One GET of the instance's management API; must answer a JSON array.
+ * E6 and E7 name a second address for their documented form: asked only
+ * when the first answers 404.
+ */
 static json_t *
-Fetch(const CiflowConnection *conn, const char *path, const char *failmsg)
+FetchWithFallback(const CiflowConnection *conn, const char *path, const char *fallback,
+				  const char *failmsg)
 {
 	CiflowRequest req;
+	CiflowResponse resp;
 	json_t	   *root;
 
 	memset(&req, 0, sizeof(req));
@@ -328,13 +334,32 @@ Fetch(const CiflowConnection *conn, const char *path, const char *failmsg)
 					   CiflowPathSegment(conn->instance_id, "instance_id"), path);
 	req.api_call = true;
 	req.failmsg = failmsg;
-	root = CiflowRequestJson(&req);
+	req.return_refusal = fallback != NULL;
+	resp = CiflowRequestPerform(&req);
+	if (resp.status == 404)
+	{
+		path = fallback;
+		req.url = psprintf("%s/instances/%s/%s", conn->base_url,
+						   CiflowPathSegment(conn->instance_id, "instance_id"), path);
+		req.return_refusal = false;
+		resp = CiflowRequestPerform(&req);
+	}
+	else if (resp.status >= 400)
+		CiflowRaiseRefusal(&req, &resp);
+	root = CiflowParseJson(resp.body, resp.len, failmsg);
+	pfree(resp.body);
 	if (!json_is_array(root))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_JSON_TEXT),
 				 errmsg("%s", failmsg),
 				 errdetail("The answer of %s is not a JSON array.", path)));
 	return root;
+}
+
+static json_t *
+Fetch(const CiflowConnection *conn, const char *path, const char *failmsg)
+{
+	return FetchWithFallback(conn, path, NULL, failmsg);
 }
 
 /* The element of a list (E8, E9) whose "name" is name, or NULL. */
@@ -1116,11 +1141,16 @@ CiflowMonitorPass(const char *connection, TupleDesc *desc)
 	thresholds = LoadThresholds(pass.conn->name);
 
 	/* Every call before any write: a failed call leaves no trace. */
-	datasources = Fetch(pass.conn, "manage/datasources", pass.failmsg);
-	jobs = Fetch(pass.conn, psprintf("workflows/main/jobs?includeTasks=true&top=%d", JOB_WINDOW),
-				 pass.failmsg);
+	datasources = FetchWithFallback(pass.conn, "manage/datasources",
+									"manage/datasources/v2", pass.failmsg);
+	jobs = FetchWithFallback(pass.conn,
+							 psprintf("workflows/main/jobs?includeTasks=true&top=%d", JOB_WINDOW),
+							 psprintf("manage/workflows/main/jobs?includeTasks=true&top=%d",
+									  JOB_WINDOW),
+							 pass.failmsg);
 	if (JobsLackTasks(jobs))
-		status = Fetch(pass.conn, "workflows/main/status", pass.failmsg);
+		status = FetchWithFallback(pass.conn, "workflows/main/status",
+								   "manage/workflows/main/status", pass.failmsg);
 	if (NeedsKind(thresholds, "segment"))
 		segments = Fetch(pass.conn, "manage/segments", pass.failmsg);
 	if (NeedsKind(thresholds, "measure"))

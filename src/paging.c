@@ -8,6 +8,12 @@
  *	  resolved against the request that returned them) until a page has
  *	  none.  Dataverse pages only by link.
  *
+ *	  Dataverse change tracking: a tracked pull asks odata.track-changes
+ *	  on every page and keeps the last page's @odata.deltaLink; a delta
+ *	  pull starts at a stored delta link, followed verbatim, and may find
+ *	  it refused (a 4xx: the service no longer keeps those changes), which
+ *	  ends the pull with nothing read so that the caller can pull it all.
+ *
  *	  Guards: at most ciflow.max_pages pages, no link followed twice, no
  *	  two identical non-empty pages in a row (a server ignoring $skip), and
  *	  no link to another host.  One page is held at a time: the caller
@@ -43,6 +49,10 @@ struct CiflowPager
 	int64		count;
 	uint64		prev_hash;
 	HTAB	   *seen_links;		/* 64-bit hashes of followed links */
+	bool		track_changes;	/* Prefer: odata.track-changes */
+	bool		refusable;		/* the next request is a stored delta link */
+	char	   *delta_link;		/* the last @odata.deltaLink; pager's context */
+	char	   *refusal;		/* why the delta link was refused, or NULL */
 };
 
 CiflowPager *
@@ -68,6 +78,44 @@ CiflowPagerBegin(const CiflowConnection *conn, const char *entity,
 	/* Dataverse has no $skip: its first page already asks by preference. */
 	p->link_mode = (conn->flavor == CIFLOW_FLAVOR_DATAVERSE);
 	return p;
+}
+
+void
+CiflowPagerTrackChanges(CiflowPager *p)
+{
+	p->track_changes = true;
+}
+
+/* Replaces *slot by a copy of value that lives as long as the pager. */
+static void
+KeepString(CiflowPager *p, char **slot, const char *value)
+{
+	MemoryContext old = MemoryContextSwitchTo(GetMemoryChunkContext(p));
+
+	if (*slot)
+		pfree(*slot);
+	*slot = pstrdup(value);
+	MemoryContextSwitchTo(old);
+}
+
+void
+CiflowPagerStartAt(CiflowPager *p, const char *delta_link)
+{
+	KeepString(p, &p->next_url, delta_link);
+	p->link_mode = true;
+	p->refusable = true;
+	p->track_changes = true;
+}
+
+/* Dataverse's page size preference, and change tracking if asked for. */
+static const char *
+PagePrefer(const CiflowPager *p)
+{
+	const char *prefer = CiflowPreferHeader(p->conn, p->conn->page_size);
+
+	if (!p->track_changes)
+		return prefer;
+	return prefer ? psprintf("odata.track-changes, %s", prefer) : "odata.track-changes";
 }
 
 static char *
@@ -100,6 +148,25 @@ PagingError(CiflowPager *p, const char *detail)
 			 errdetail("%s", detail)));
 }
 
+/*
+ * Keeps a page's @odata.deltaLink, the place a later pull resumes from,
+ * resolved like a nextLink (Dataverse sends absolute ones).
+ */
+static void
+TakeDeltaLink(CiflowPager *p, json_t *page, const char *request_url)
+{
+	const char *link = CiflowJsonString(page, "@odata.deltaLink");
+	char	   *resolved;
+
+	if (link == NULL)
+		return;
+	resolved = CiflowResolveUrl(request_url, link);
+	if (resolved == NULL)
+		PagingError(p, psprintf("The server sent an unusable @odata.deltaLink on page %d.",
+								p->pages));
+	KeepString(p, &p->delta_link, resolved);
+}
+
 /* Accepts the page's nextLink, if any, as the next URL. */
 static void
 TakeNextLink(CiflowPager *p, json_t *page, const char *request_url)
@@ -109,7 +176,6 @@ TakeNextLink(CiflowPager *p, json_t *page, const char *request_url)
 	char	   *origin = NULL;
 	uint64		h;
 	bool		found;
-	MemoryContext old;
 
 	if (link == NULL)
 	{
@@ -137,11 +203,7 @@ TakeNextLink(CiflowPager *p, json_t *page, const char *request_url)
 		PagingError(p, psprintf("The @odata.nextLink of page %d was already followed in this pull (a paging loop).",
 								p->pages));
 
-	old = MemoryContextSwitchTo(GetMemoryChunkContext(p));
-	if (p->next_url)
-		pfree(p->next_url);
-	p->next_url = pstrdup(resolved);
-	MemoryContextSwitchTo(old);
+	KeepString(p, &p->next_url, resolved);
 	p->link_mode = true;
 }
 
@@ -175,11 +237,22 @@ CiflowPagerNext(CiflowPager *p, json_t **rows)
 	req.conn = p->conn;
 	req.url = url;
 	req.api_call = true;
-	req.prefer = CiflowPreferHeader(p->conn, p->conn->page_size);
+	req.prefer = PagePrefer(p);
 	req.failmsg = p->failmsg;
 	req.not_found_hint = "Check the entity's name with ciflow.get_entities().";
 	req.stats = p->stats;
+	req.return_refusal = p->refusable;
 	resp = CiflowRequestPerform(&req);
+	p->refusable = false;
+	if (resp.status >= 400)
+	{
+		/* Nothing was read: the caller pulls everything instead. */
+		KeepString(p, &p->refusal, psprintf("HTTP status %ld: %s", resp.status,
+											CiflowServiceMessage(resp.body, resp.len)));
+		p->done = true;
+		MemoryContextSwitchTo(old);
+		return NULL;
+	}
 	p->pages++;
 	page = CiflowParseJson(resp.body, resp.len, p->failmsg);
 	*rows = CiflowPageRows(page, p->failmsg);
@@ -197,6 +270,7 @@ CiflowPagerNext(CiflowPager *p, json_t **rows)
 	p->prev_hash = h;
 
 	TakeNextLink(p, page, url);
+	TakeDeltaLink(p, page, url);
 	if (!p->link_mode)
 	{
 		p->skip += nrows;
@@ -219,6 +293,18 @@ CiflowPagerCount(const CiflowPager *p)
 	return p->count;
 }
 
+const char *
+CiflowPagerDeltaLink(const CiflowPager *p)
+{
+	return p->delta_link;
+}
+
+const char *
+CiflowPagerRefusal(const CiflowPager *p)
+{
+	return p->refusal;
+}
+
 void
 CiflowPagerEnd(CiflowPager *p)
 {
@@ -226,6 +312,10 @@ CiflowPagerEnd(CiflowPager *p)
 	hash_destroy(p->seen_links);
 	if (p->next_url)
 		pfree(p->next_url);
+	if (p->delta_link)
+		pfree(p->delta_link);
+	if (p->refusal)
+		pfree(p->refusal);
 	pfree(p->query);
 	pfree(p);
 }

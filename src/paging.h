@@ -37,6 +37,22 @@ extern int	CiflowPagerPages(const CiflowPager *pager);
 /* The server's @odata.count, or -1 when it sent none. */
 extern int64 CiflowPagerCount(const CiflowPager *pager);
 
+/*
+ * Dataverse change tracking.  TrackChanges, before the first page: every
+ * page asks odata.track-changes, and the last one carries the delta link.
+ * StartAt: the pull starts at a stored delta link instead (tracked too);
+ * if the service refuses it, CiflowPagerNext returns NULL at once and
+ * CiflowPagerRefusal says why.
+ */
+extern void CiflowPagerTrackChanges(CiflowPager *pager);
+extern void CiflowPagerStartAt(CiflowPager *pager, const char *delta_link);
+
+/* The last @odata.deltaLink received, or NULL; owned by the pager. */
+extern const char *CiflowPagerDeltaLink(const CiflowPager *pager);
+
+/* Why the stored delta link was refused, or NULL; owned by the pager. */
+extern const char *CiflowPagerRefusal(const CiflowPager *pager);
+
 extern void CiflowPagerEnd(CiflowPager *pager);
 
 #endif							/* CIFLOW_PAGING_H */

@@ -60,8 +60,8 @@ MemberString(json_t *obj, const char *key)
  * message, error_description (Entra), error.code, errorCode, error, and
  * else the first bytes of the body, made safe to print.
  */
-static char *
-ServiceMessage(const char *body, size_t len)
+char *
+CiflowServiceMessage(const char *body, size_t len)
 {
 	json_t	   *root;
 	const char *msg = NULL;
@@ -185,7 +185,7 @@ static void
 ReportStatus(const CiflowRequest *req, long status, const char *body,
 			 size_t len, int attempts, bool gateway)
 {
-	char	   *msg = ServiceMessage(body, len);
+	char	   *msg = CiflowServiceMessage(body, len);
 	const char *hint = StatusHint(req, status, gateway);
 
 	ereport(ERROR,
@@ -236,8 +236,8 @@ ReportTransport(const CiflowRequest *req, const CiflowTransfer *t, int attempts)
 }
 
 /* Retry-After is whole seconds or an HTTP-date; -1 when absent or unreadable. */
-static int64
-RetryAfterMs(const char *value)
+int64
+CiflowRetryAfterMs(const char *value)
 {
 	char	   *end;
 	long		secs;
@@ -259,8 +259,8 @@ RetryAfterMs(const char *value)
 }
 
 /* base * 2^(attempt-1), +-25% jitter, so that many clients do not align. */
-static int64
-BackoffMs(int attempt)
+int64
+CiflowBackoffMs(int attempt)
 {
 	double		delay = ciflow_settings.retry_base_delay_ms;
 	int			i;
@@ -416,7 +416,7 @@ CiflowRequestPerform(const CiflowRequest *req)
 				t.error == CIFLOW_TRANSPORT_TLS ||
 				attempt >= ciflow_settings.max_attempts)
 				ReportTransport(req, &t, attempt);
-			wait_ms = BackoffMs(attempt);
+			wait_ms = CiflowBackoffMs(attempt);
 		}
 		else
 		{
@@ -452,16 +452,23 @@ CiflowRequestPerform(const CiflowRequest *req)
 			{
 				if (attempt >= ciflow_settings.max_attempts)
 					ReportStatus(req, t.status, t.body_out, t.body_len, attempt, false);
-				wait_ms = RetryAfterMs(t.retry_after);
+				wait_ms = CiflowRetryAfterMs(t.retry_after);
 				if (wait_ms < 0)
-					wait_ms = BackoffMs(attempt);
+					wait_ms = CiflowBackoffMs(attempt);
 				wait_ms = Min(wait_ms, (int64) ciflow_settings.max_retry_after_s * 1000);
 			}
 			else if (t.status == 500 || t.status == 502 || t.status == 504)
 			{
 				if (attempt >= ciflow_settings.max_attempts)
 					ReportStatus(req, t.status, t.body_out, t.body_len, attempt, false);
-				wait_ms = BackoffMs(attempt);
+				wait_ms = CiflowBackoffMs(attempt);
+			}
+			else if (req->return_refusal && t.status >= 400 && t.status < 500)
+			{
+				resp.status = t.status;
+				resp.body = t.body_out;
+				resp.len = t.body_len;
+				return resp;
 			}
 			else
 				ReportStatus(req, t.status, t.body_out, t.body_len, attempt, false);
@@ -536,12 +543,25 @@ CiflowParseJson(const char *body, size_t len, const char *failmsg)
 	return root;
 }
 
+void
+CiflowRaiseRefusal(const CiflowRequest *req, const CiflowResponse *resp)
+{
+	ReportStatus(req, resp->status, resp->body, resp->len, 1, false);
+	pg_unreachable();
+}
+
 json_t *
 CiflowRequestJson(const CiflowRequest *req)
 {
 	CiflowResponse resp = CiflowRequestPerform(req);
-	json_t	   *root = CiflowParseJson(resp.body, resp.len, req->failmsg);
+	json_t	   *root;
 
+	if (resp.status >= 400)
+	{
+		pfree(resp.body);
+		return NULL;
+	}
+	root = CiflowParseJson(resp.body, resp.len, req->failmsg);
 	pfree(resp.body);
 	return root;
 }

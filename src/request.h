@@ -37,6 +37,10 @@ typedef struct CiflowRequest
 	const char *detail_prefix;	/* e.g. "Token endpoint: ", or NULL */
 	const char *not_found_hint; /* HINT for a 404, or NULL */
 	CiflowCallStats *stats;		/* may be NULL */
+	bool		return_refusal; /* a 4xx other than 401 and 429 is returned,
+								 * not raised: the caller knows what it means
+								 * (a delta link the service no longer
+								 * honours) */
 } CiflowRequest;
 
 typedef struct CiflowResponse
@@ -56,11 +60,24 @@ typedef char *(*CiflowTokenSource) (const CiflowConnection *conn, bool force_new
 									const char *failmsg);
 extern void CiflowSetTokenSource(CiflowTokenSource source);
 
+/*
+ * The service's own words for an error answer (error.message and the
+ * like, else the body's first bytes), made safe to print.
+ */
+extern char *CiflowServiceMessage(const char *body, size_t len);
+
 /* Returns a 2xx answer or raises an ERROR with SQLSTATE, DETAIL and HINT. */
 extern CiflowResponse CiflowRequestPerform(const CiflowRequest *req);
 
-/* Same, then parses the body as JSON (22032 when it is not JSON). */
+/*
+ * Same, then parses the body as JSON (22032 when it is not JSON); NULL for
+ * a refusal returned under return_refusal.
+ */
 extern json_t *CiflowRequestJson(const CiflowRequest *req);
+
+/* Raises a refusal returned under return_refusal, as the request path would. */
+extern void CiflowRaiseRefusal(const CiflowRequest *req, const CiflowResponse *resp)
+			pg_attribute_noreturn();
 
 /*
  * Errors raised below an action or a sync (a type's input function, an
@@ -73,5 +90,13 @@ extern void CiflowRethrowUnder(MemoryContext cxt, const char *failmsg) pg_attrib
 
 /* Parses a complete body as JSON, raising 22032 under failmsg when it is not. */
 extern json_t *CiflowParseJson(const char *body, size_t len, const char *failmsg);
+
+/*
+ * The retry policy's delays, shared with event deliveries: Retry-After
+ * (whole seconds or an HTTP-date) in ms, -1 when absent or unreadable; and
+ * ciflow.retry_base_delay * 2^(attempt-1) with +-25% jitter.
+ */
+extern int64 CiflowRetryAfterMs(const char *value);
+extern int64 CiflowBackoffMs(int attempt);
 
 #endif							/* CIFLOW_REQUEST_H */

@@ -2,9 +2,11 @@
  *
  * shape.c
  *	  The entity as a table: snake_case names (unique, < NAMEDATALEN bytes),
- *	  column types from the Edm types of section 3 of the SQL contract, the
- *	  key, the incremental attribute and refreshTime, all from the entity's
- *	  metadata (E2).
+ *	  column types from the Edm types of section 3 of the SQL contract (the
+ *	  one map of edm.c, for every flavour), the key, the incremental
+ *	  attribute and refreshTime, all from the entity's metadata: E2 for
+ *	  Customer Insights, the CSDL $metadata of an entity set (csdl.c) for
+ *	  OData and Dataverse.
  *
  *	  Pure functions of the metadata: this file never touches a table,
  *	  ciflow's catalog or the network.  target.c turns a shape into DDL.
@@ -18,39 +20,9 @@
 #include "lib/stringinfo.h"
 #include "utils/builtins.h"
 
+#include "edm.h"
 #include "odata.h"
 #include "shape.h"
-
-static const struct
-{
-	const char *edm;
-	Oid			typid;
-}			edm_types[] =
-{
-	{"Edm.String", TEXTOID},
-	{"Edm.Int32", INT4OID},
-	{"Edm.Int64", INT8OID},
-	{"Edm.Double", FLOAT8OID},
-	{"Edm.Decimal", NUMERICOID},
-	{"Edm.Boolean", BOOLOID},
-	{"Edm.DateTimeOffset", TIMESTAMPTZOID},
-	{"Edm.Date", DATEOID},
-	{"Edm.Guid", UUIDOID},
-};
-
-/* The SQL contract's mapping; every other type is kept as jsonb. */
-static Oid
-EdmTypeOid(const char *edm)
-{
-	int			i;
-
-	for (i = 0; edm != NULL && i < (int) lengthof(edm_types); i++)
-	{
-		if (pg_strcasecmp(edm, edm_types[i].edm) == 0)
-			return edm_types[i].typid;
-	}
-	return JSONBOID;
-}
 
 /* Cuts a name to fit NAMEDATALEN, with a hash suffix so cuts stay distinct. */
 static char *
@@ -180,6 +152,37 @@ ShapeIncremental(CiflowShape *shape, json_t *entity)
 	shape->refresh_time = refreshed ? pstrdup(refreshed) : NULL;
 }
 
+/*
+ * Appends the column of one attribute: its original name as the remote
+ * name, its snake_case as the column's, its type from the Edm map.
+ */
+static void
+AddColumn(CiflowShape *shape, const char *remote_name, const char *edm)
+{
+	CiflowColumn *col = &shape->columns[shape->ncolumns];
+	char	   *base;
+	int			suffix = 1;
+	int			c;
+
+	col->remote_name = pstrdup(remote_name);
+	col->edm_type = pstrdup(edm ? edm : "(none)");
+	col->typid = CiflowEdmTypeOid(edm);
+	col->selected = true;
+
+	/* Two attributes may fold to one name (Name, name): number them. */
+	base = CiflowSnakeCase(remote_name);
+	col->name = base;
+	for (c = 0; c < shape->ncolumns; c++)
+	{
+		if (strcmp(shape->columns[c].name, col->name) == 0)
+		{
+			col->name = FitName(psprintf("%s_%d", base, ++suffix));
+			c = -1;
+		}
+	}
+	shape->ncolumns++;
+}
+
 CiflowShape *
 CiflowShapeFromMetadata(json_t *entity, const char *failmsg)
 {
@@ -202,35 +205,45 @@ CiflowShapeFromMetadata(json_t *entity, const char *failmsg)
 	shape->columns = palloc0(sizeof(CiflowColumn) * json_array_size(attrs));
 	json_array_foreach(attrs, i, attr)
 	{
-		CiflowColumn *col = &shape->columns[shape->ncolumns];
 		const char *aname = CiflowJsonString(attr, "name");
-		const char *edm = CiflowJsonString(attr, "dataType");
-		char	   *base;
-		int			suffix = 1;
-		int			c;
 
 		if (aname == NULL)
 			MetadataError(failmsg, psprintf("attribute %zu has no name.", i + 1));
-		col->remote_name = pstrdup(aname);
-		col->edm_type = pstrdup(edm ? edm : "(none)");
-		col->typid = EdmTypeOid(edm);
-		col->selected = true;
-
-		/* Two attributes may fold to one name (Name, name): number them. */
-		base = CiflowSnakeCase(aname);
-		col->name = base;
-		for (c = 0; c < shape->ncolumns; c++)
-		{
-			if (strcmp(shape->columns[c].name, col->name) == 0)
-			{
-				col->name = FitName(psprintf("%s_%d", base, ++suffix));
-				c = -1;
-			}
-		}
-		shape->ncolumns++;
+		AddColumn(shape, aname, CiflowJsonString(attr, "dataType"));
 	}
 	ShapeKeys(shape, json_object_get(entity, "keys"), failmsg);
 	ShapeIncremental(shape, entity);
+	return shape;
+}
+
+/*
+ * The shape of an OData or Dataverse entity set from its CSDL entity:
+ * properties in document order (base types' first), the key of the
+ * metadata.  Such a set may be filtered and ordered like a Customer
+ * Insights system entity; it has no incrementalAttribute and no
+ * refreshTime (Dataverse's incremental runs use change tracking instead).
+ */
+CiflowShape *
+CiflowShapeFromCsdl(const CiflowCsdlEntity *entity, const char *failmsg)
+{
+	CiflowShape *shape = palloc0(sizeof(CiflowShape));
+	int			i;
+
+	if (entity->nproperties == 0)
+		MetadataError(failmsg, "its entity type has no properties.");
+	shape->entity = pstrdup(entity->entity_set);
+	shape->is_system = true;
+	shape->incremental = -1;
+	shape->columns = palloc0(sizeof(CiflowColumn) * entity->nproperties);
+	for (i = 0; i < entity->nproperties; i++)
+		AddColumn(shape, entity->properties[i].name, entity->properties[i].edm_type);
+	shape->keys = palloc(sizeof(int) * Max(entity->nkeys, 1));
+	for (i = 0; i < entity->nkeys; i++)
+	{
+		/* Columns are the properties, one for one, in the same order. */
+		shape->columns[entity->keys[i]].is_key = true;
+		shape->keys[shape->nkeys++] = entity->keys[i];
+	}
 	return shape;
 }
 

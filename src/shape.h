@@ -10,6 +10,7 @@
 #define CIFLOW_SHAPE_H
 
 #include "ciflow_json.h"
+#include "csdl.h"
 
 #include "lib/stringinfo.h"
 
@@ -41,6 +42,13 @@ extern char *CiflowSnakeCase(const char *name);
 
 /* Builds the shape from E2 metadata; failmsg names connection and entity. */
 extern CiflowShape *CiflowShapeFromMetadata(json_t *entity, const char *failmsg);
+
+/*
+ * Builds the shape of an OData or Dataverse entity set from its CSDL
+ * $metadata (csdl.c); failmsg names connection and entity.
+ */
+extern CiflowShape *CiflowShapeFromCsdl(const CiflowCsdlEntity *entity,
+										const char *failmsg);
 
 /*
  * fields => 'A,B': only these attributes (and the key) are written by the

@@ -19,9 +19,10 @@
  *	  is made before one is.
  *
  *	  A watermark is JSON stored with the run: {"attribute", "type",
- *	  "value", "refresh_time"} for Customer Insights; a Dataverse delta
- *	  link would be {"delta_link": ...} beside them.  Only a successful
- *	  run stores one, so only a successful run advances it.
+ *	  "value", "refresh_time"} for Customer Insights, {"delta_link"} for
+ *	  Dataverse change tracking, and "full_pull" (why) when an incremental
+ *	  run pulled everything.  Only a successful run stores one, so only a
+ *	  successful run advances it.
  *
  *-------------------------------------------------------------------------
  */
@@ -43,6 +44,7 @@
 #include "paging.h"
 #include "request.h"
 #include "runs.h"
+#include "servicemeta.h"
 #include "sync.h"
 #include "target.h"
 
@@ -62,6 +64,8 @@ typedef struct Watermark
 	char	   *type;			/* its Edm type */
 	char	   *value;			/* the largest value pulled */
 	char	   *refresh_time;	/* E2's refreshTime at the pull */
+	char	   *delta_link;		/* Dataverse: the last page's @odata.deltaLink */
+	char	   *full_pull;		/* why an incremental run pulled everything */
 } Watermark;
 
 /* What a run fetches and how it publishes. */
@@ -71,6 +75,9 @@ typedef struct SyncPlan
 	CiflowPublishMethod method;
 	const char *filter;			/* the $filter sent, or NULL */
 	bool		incremental;	/* mode => 'incremental': keeps a watermark */
+	bool		track_changes;	/* Dataverse: ask for a delta link */
+	const char *delta_link;		/* Dataverse: pull only these changes */
+	const char *full_pull;		/* why an incremental run pulls everything */
 	Watermark	previous;		/* the last successful run's */
 	const char *previous_json;
 } SyncPlan;
@@ -94,8 +101,8 @@ CommitXact(MemoryContext back_to)
 
 /* The entity's metadata (E2, one entity); the answer may also be a list. */
 static CiflowShape *
-FetchShape(const CiflowConnection *conn, const char *entity, const char *failmsg,
-		   CiflowCallStats *stats)
+FetchE2Shape(const CiflowConnection *conn, const char *entity, const char *failmsg,
+			 CiflowCallStats *stats)
 {
 	CiflowRequest req;
 	json_t	   *meta;
@@ -131,6 +138,20 @@ FetchShape(const CiflowConnection *conn, const char *entity, const char *failmsg
 	return CiflowShapeFromMetadata(meta, failmsg);
 }
 
+/*
+ * The entity's shape per flavour (sql-api.md section 3): E2 for Customer
+ * Insights, the entity set's CSDL in $metadata (A.7) for the others.
+ */
+static CiflowShape *
+FetchShape(const CiflowConnection *conn, const char *entity, const char *failmsg,
+		   CiflowCallStats *stats)
+{
+	if (conn->flavor == CIFLOW_FLAVOR_CUSTOMER_INSIGHTS)
+		return FetchE2Shape(conn, entity, failmsg, stats);
+	return CiflowShapeFromCsdl(CiflowFetchCsdlEntity(conn, entity, failmsg, stats),
+							   failmsg);
+}
+
 static char *
 WatermarkMember(json_t *obj, const char *key)
 {
@@ -152,6 +173,7 @@ ParseWatermark(const char *text, Watermark *wm)
 	wm->type = WatermarkMember(root, "type");
 	wm->value = WatermarkMember(root, "value");
 	wm->refresh_time = WatermarkMember(root, "refresh_time");
+	wm->delta_link = WatermarkMember(root, "delta_link");
 	json_decref(root);
 	return true;
 }
@@ -173,14 +195,17 @@ WatermarkJson(const Watermark *wm)
 	SetMember(obj, "type", wm->type);
 	SetMember(obj, "value", wm->value);
 	SetMember(obj, "refresh_time", wm->refresh_time);
+	SetMember(obj, "delta_link", wm->delta_link);
+	SetMember(obj, "full_pull", wm->full_pull);
 	text = json_dumps(obj, JSON_COMPACT | JSON_SORT_KEYS);
 	json_decref(obj);
 	return text;
 }
 
 static void
-FullPullNotice(const CiflowShape *shape, const char *why)
+FullPullNotice(SyncPlan *plan, const CiflowShape *shape, const char *why)
 {
+	plan->full_pull = why;
 	ereport(NOTICE,
 			(errmsg("incremental sync of entity \"%s\" pulls every row: %s",
 					shape->entity, why),
@@ -191,11 +216,13 @@ FullPullNotice(const CiflowShape *shape, const char *why)
  * mode => 'incremental' per section 3: source entities are pulled whole,
  * or not at all while refreshTime is unchanged; system entities with an
  * incrementalAttribute (and a key to upsert on) ask only for rows at or
- * after the watermark; anything else is a full pull, with a NOTICE.
+ * after the watermark; Dataverse entity sets ask only for the changes of
+ * the stored delta link (a full pull asks for change tracking, to get
+ * one); anything else is a full pull, with a NOTICE.
  */
 static void
-PlanRun(const CiflowSyncArgs *args, const CiflowShape *shape, const CiflowTarget *target,
-		SyncPlan *plan)
+PlanRun(const CiflowSyncArgs *args, const CiflowConnection *conn, const CiflowShape *shape,
+		const CiflowTarget *target, SyncPlan *plan)
 {
 	const CiflowColumn *attr;
 
@@ -206,16 +233,42 @@ PlanRun(const CiflowSyncArgs *args, const CiflowShape *shape, const CiflowTarget
 	if (!plan->incremental)
 		return;
 
+	/* Change tracking refuses $filter (A.7): no delta link to keep then. */
+	plan->track_changes = conn->flavor == CIFLOW_FLAVOR_DATAVERSE && args->filter == NULL;
+	if (conn->flavor == CIFLOW_FLAVOR_DATAVERSE && args->filter != NULL)
+	{
+		FullPullNotice(plan, shape, "Dataverse change tracking refuses a filter");
+		return;
+	}
+
 	/* A watermark describes rows of a table that must still exist. */
 	if (!OidIsValid(target->relid))
 	{
-		FullPullNotice(shape, "the target does not exist yet");
+		FullPullNotice(plan, shape, "the target does not exist yet");
 		return;
 	}
 	plan->previous_json = CiflowRunLastWatermark(target->qualified);
 	if (!ParseWatermark(plan->previous_json, &plan->previous))
 	{
-		FullPullNotice(shape, "no earlier successful sync of this target stored a watermark");
+		FullPullNotice(plan, shape, "no earlier successful sync of this target stored a watermark");
+		return;
+	}
+	if (conn->flavor == CIFLOW_FLAVOR_DATAVERSE)
+	{
+		if (plan->previous.delta_link == NULL)
+			FullPullNotice(plan, shape, "no delta link is stored yet");
+		else if (shape->nkeys != 1)
+			FullPullNotice(plan, shape, "change tracking needs a single-column key to delete by");
+		else
+		{
+			plan->delta_link = plan->previous.delta_link;
+			plan->method = CIFLOW_PUBLISH_UPSERT;
+		}
+		return;
+	}
+	if (conn->flavor == CIFLOW_FLAVOR_ODATA)
+	{
+		FullPullNotice(plan, shape, "a generic OData service offers no change tracking ciflow uses");
 		return;
 	}
 	if (!shape->is_system)
@@ -224,21 +277,21 @@ PlanRun(const CiflowSyncArgs *args, const CiflowShape *shape, const CiflowTarget
 			strcmp(plan->previous.refresh_time, shape->refresh_time) == 0)
 			plan->skip = true;
 		else
-			FullPullNotice(shape, "it is a source entity (no $filter), and its refreshTime changed since the last successful sync");
+			FullPullNotice(plan, shape, "it is a source entity (no $filter), and its refreshTime changed since the last successful sync");
 		return;
 	}
 	if (shape->incremental < 0)
 	{
-		FullPullNotice(shape, "the service names no incrementalAttribute for it");
+		FullPullNotice(plan, shape, "the service names no incrementalAttribute for it");
 		return;
 	}
 	attr = &shape->columns[shape->incremental];
 	if (shape->nkeys == 0)
-		FullPullNotice(shape, "it has no key to upsert on");
+		FullPullNotice(plan, shape, "it has no key to upsert on");
 	else if (plan->previous.value == NULL || plan->previous.attribute == NULL ||
 			 strcmp(plan->previous.attribute, attr->remote_name) != 0)
-		FullPullNotice(shape, psprintf("no watermark of attribute \"%s\" is stored yet",
-									   attr->remote_name));
+		FullPullNotice(plan, shape, psprintf("no watermark of attribute \"%s\" is stored yet",
+											 attr->remote_name));
 	else
 	{
 		plan->filter = CiflowIncrementalFilter(args->filter, attr->remote_name,
@@ -249,12 +302,15 @@ PlanRun(const CiflowSyncArgs *args, const CiflowShape *shape, const CiflowTarget
 
 /* The watermark a successful pull leaves for the next incremental run. */
 static char *
-NextWatermark(const CiflowTarget *target, const CiflowShape *shape, const SyncPlan *plan)
+NextWatermark(const CiflowTarget *target, const CiflowShape *shape, const SyncPlan *plan,
+			  const char *delta_link)
 {
 	Watermark	next;
 
 	memset(&next, 0, sizeof(next));
 	next.refresh_time = shape->refresh_time;
+	next.delta_link = (char *) delta_link;
+	next.full_pull = (char *) plan->full_pull;
 	if (shape->incremental >= 0)
 	{
 		next.attribute = shape->columns[shape->incremental].remote_name;
@@ -273,7 +329,8 @@ NextWatermark(const CiflowTarget *target, const CiflowShape *shape, const SyncPl
  * stable.
  */
 static char *
-PageQuery(const CiflowSyncArgs *args, const CiflowShape *shape, const char *filter)
+PageQuery(const CiflowSyncArgs *args, const CiflowConnection *conn, const CiflowShape *shape,
+		  const char *filter)
 {
 	StringInfoData query;
 	StringInfoData keys;
@@ -303,7 +360,11 @@ PageQuery(const CiflowSyncArgs *args, const CiflowShape *shape, const char *filt
 	}
 	if (filter != NULL)
 		CiflowAppendQuery(&query, "$filter", filter);
-	if (shape->is_system && shape->nkeys > 0)
+	/*
+	 * Dataverse pages by its own links, which are stable, and its change
+	 * tracking refuses $orderby.
+	 */
+	if (shape->is_system && shape->nkeys > 0 && conn->flavor != CIFLOW_FLAVOR_DATAVERSE)
 		CiflowAppendQuery(&query, "$orderby", keys.data);
 	return query.data;
 }
@@ -410,10 +471,57 @@ AnalyzeAfterPublish(const CiflowTarget *target, MemoryContext back_to)
 	PG_END_TRY();
 }
 
+/*
+ * Every page of the plan's pull into the staging heap, one transaction
+ * per page, the run's progress with it.  Returns the last page's delta
+ * link (in run_cxt), or NULL.  A stored delta link that the service
+ * refuses ends the pull before anything is staged, with *refusal saying
+ * why (in run_cxt); it is NULL otherwise.
+ */
+static char *
+PullPages(const CiflowSyncArgs *args, const CiflowConnection *conn, const CiflowShape *shape,
+		  CiflowTarget *target, const SyncPlan *plan, CiflowLoader *loader,
+		  CiflowRunState *run, const char *failmsg, MemoryContext run_cxt, char **refusal)
+{
+	CiflowPager *pager;
+	Relation	staging;
+	json_t	   *rows;
+	const char *link;
+	char	   *delta_link;
+
+	pager = CiflowPagerBegin(conn, shape->entity, PageQuery(args, conn, shape, plan->filter),
+							 failmsg, &run->stats);
+	if (plan->delta_link != NULL)
+		CiflowPagerStartAt(pager, plan->delta_link);
+	else if (plan->incremental && plan->track_changes)
+		CiflowPagerTrackChanges(pager);
+	CiflowLoaderAcceptDeletions(loader, plan->delta_link != NULL);
+	while (CiflowPagerNext(pager, &rows) != NULL)
+	{
+		int			n;
+
+		BeginXact();
+		staging = table_open(target->staging_relid, RowExclusiveLock);
+		n = CiflowLoadPage(loader, staging, rows, run->pages + 1);
+		table_close(staging, NoLock);
+		run->pages = CiflowPagerPages(pager);
+		run->rows += n;
+		run->rows_expected = CiflowPagerCount(pager);
+		CiflowRunProgress(run);
+		CommitXact(run_cxt);
+	}
+	link = CiflowPagerDeltaLink(pager);
+	delta_link = link ? MemoryContextStrdup(run_cxt, link) : NULL;
+	*refusal = CiflowPagerRefusal(pager) ?
+		MemoryContextStrdup(run_cxt, CiflowPagerRefusal(pager)) : NULL;
+	CiflowPagerEnd(pager);
+	return delta_link;
+}
+
 /* Publish, and record the end, in one transaction. */
 static void
 Publish(CiflowTarget *target, const CiflowShape *shape, const SyncPlan *plan,
-		CiflowRunState *run, MemoryContext run_cxt)
+		const char *delta_link, CiflowRunState *run, MemoryContext run_cxt)
 {
 	CiflowApplyCounts counts;
 
@@ -424,7 +532,7 @@ Publish(CiflowTarget *target, const CiflowShape *shape, const SyncPlan *plan,
 	run->deleted = counts.deleted;
 	/* Only incremental runs keep a watermark: a full one resumes nothing. */
 	if (plan->incremental)
-		run->watermark = MemoryContextStrdup(run_cxt, NextWatermark(target, shape, plan));
+		run->watermark = MemoryContextStrdup(run_cxt, NextWatermark(target, shape, plan, delta_link));
 	CiflowDropStaging(target);
 	CiflowRunSetStaging(run->run_id, InvalidOid);
 	CiflowRunFinish(run, true, NULL);
@@ -466,10 +574,10 @@ CiflowSyncExecute(const CiflowSyncArgs *args, CiflowRunState *run)
 		CiflowConnection *conn;
 		CiflowShape *shape;
 		CiflowLoader *loader;
-		CiflowPager *pager;
 		Relation	staging;
-		json_t	   *rows;
 		SyncPlan	plan;
+		char	   *delta_link;
+		char	   *refusal;
 
 		if (strcmp(args->mode, "incremental") == 0 && strcmp(args->publish, "swap") == 0)
 			ereport(ERROR,
@@ -500,7 +608,7 @@ CiflowSyncExecute(const CiflowSyncArgs *args, CiflowRunState *run)
 		BeginXact();
 		/* The plan (its $filter) outlives this transaction. */
 		MemoryContextSwitchTo(run_cxt);
-		PlanRun(args, shape, target, &plan);
+		PlanRun(args, conn, shape, target, &plan);
 		if (plan.skip)
 		{
 			/* Nothing changed upstream: a run of 0 pages, its place kept. */
@@ -531,27 +639,22 @@ CiflowSyncExecute(const CiflowSyncArgs *args, CiflowRunState *run)
 
 			phase = PHASE_PAGES;
 			pgstat_report_activity(STATE_RUNNING, "ciflow sync: reading pages");
-			pager = CiflowPagerBegin(conn, shape->entity, PageQuery(args, shape, plan.filter),
-									 failmsg, &run->stats);
-			while (CiflowPagerNext(pager, &rows) != NULL)
+			delta_link = PullPages(args, conn, shape, target, &plan, loader, run, failmsg,
+								   run_cxt, &refusal);
+			if (refusal != NULL)
 			{
-				int			n;
-
-				BeginXact();
-				staging = table_open(target->staging_relid, RowExclusiveLock);
-				n = CiflowLoadPage(loader, staging, rows, run->pages + 1);
-				table_close(staging, NoLock);
-				run->pages = CiflowPagerPages(pager);
-				run->rows += n;
-				run->rows_expected = CiflowPagerCount(pager);
-				CiflowRunProgress(run);
-				CommitXact(run_cxt);
+				/* Nothing was staged: the same run pulls everything instead. */
+				plan.delta_link = NULL;
+				plan.method = CIFLOW_PUBLISH_DIFF;
+				FullPullNotice(&plan, shape,
+							   psprintf("the service refused the stored delta link (%s)", refusal));
+				delta_link = PullPages(args, conn, shape, target, &plan, loader, run, failmsg,
+									   run_cxt, &refusal);
 			}
-			CiflowPagerEnd(pager);
 
 			phase = PHASE_PUBLISH;
 			pgstat_report_activity(STATE_RUNNING, "ciflow sync: publishing");
-			Publish(target, shape, &plan, run, run_cxt);
+			Publish(target, shape, &plan, delta_link, run, run_cxt);
 			changed = run->inserted + run->updated + run->deleted > 0;
 		}
 	}

@@ -27,6 +27,7 @@
 #include "access/xact.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_class.h"
+#include "catalog/pg_namespace.h"
 #include "catalog/pg_publication.h"
 #include "catalog/pg_type.h"
 #include "commands/cluster.h"
@@ -339,6 +340,44 @@ ShapeColumn(const CiflowShape *shape, const char *name)
 	return NULL;
 }
 
+/* The target's live column of that name, or NULL. */
+static Form_pg_attribute
+TargetAttribute(TupleDesc desc, const char *name)
+{
+	int			a;
+
+	for (a = 0; a < desc->natts; a++)
+	{
+		Form_pg_attribute att = TupleDescAttr(desc, a);
+
+		if (!att->attisdropped && strcmp(NameStr(att->attname), name) == 0)
+			return att;
+	}
+	return NULL;
+}
+
+/*
+ * Targets created before the Edm map was widened hold jsonb columns for
+ * Int16, Single, Binary, TimeOfDay and the like.  Such a column keeps
+ * being loaded as jsonb (the shape, hence the staging heap, says so)
+ * rather than failing the sync: converting it is the user's choice, with
+ * ALTER TABLE ... ALTER COLUMN ... TYPE.
+ */
+static void
+KeepJsonbColumns(CiflowShape *shape, TupleDesc desc)
+{
+	int			c;
+
+	for (c = 0; c < shape->ncolumns; c++)
+	{
+		CiflowColumn *col = &shape->columns[c];
+		Form_pg_attribute att = TargetAttribute(desc, col->name);
+
+		if (att != NULL && att->atttypid == JSONBOID)
+			col->typid = JSONBOID;
+	}
+}
+
 /*
  * Matches the target's columns with the shape's; returns the shape's
  * columns the target lacks.  A column whose type changed, an entity column
@@ -357,15 +396,9 @@ MatchColumns(const CiflowTarget *t, const CiflowShape *shape, Relation rel)
 	for (c = 0; c < shape->ncolumns; c++)
 	{
 		const CiflowColumn *col = &shape->columns[c];
-		Form_pg_attribute att = NULL;
+		Form_pg_attribute att = TargetAttribute(desc, col->name);
 
-		for (a = 0; a < desc->natts; a++)
-		{
-			att = TupleDescAttr(desc, a);
-			if (!att->attisdropped && strcmp(NameStr(att->attname), col->name) == 0)
-				break;
-		}
-		if (a == desc->natts)
+		if (att == NULL)
 			missing = lappend(missing, (void *) col);
 		else if (att->atttypid != col->typid)
 			ereport(ERROR,
@@ -449,7 +482,10 @@ StagingName(const CiflowTarget *t)
 												 (int) strlen(qualified), 0));
 }
 
-/* Columns are the shape's, plus the order of arrival (for duplicates). */
+/*
+ * Columns are the shape's, plus the order of arrival (for duplicates) and
+ * the mark of a deletion (delta pulls).
+ */
 static void
 CreateStaging(CiflowTarget *t, const CiflowShape *shape, Oid nspid)
 {
@@ -472,14 +508,14 @@ CreateStaging(CiflowTarget *t, const CiflowShape *shape, Oid nspid)
 	for (i = 0; i < shape->ncolumns; i++)
 		appendStringInfo(&sql, "%s, ", ColumnDefinition(&shape->columns[i]));
 	/* autovacuum would only get in the way of a table that lives minutes. */
-	appendStringInfo(&sql, "%s pg_catalog.int8) WITH (autovacuum_enabled = false)",
-					 quote_identifier(CIFLOW_STAGE_SEQ));
+	appendStringInfo(&sql, "%s pg_catalog.int8, %s pg_catalog.bool) WITH (autovacuum_enabled = false)",
+					 quote_identifier(CIFLOW_STAGE_SEQ), quote_identifier(CIFLOW_STAGE_DELETED));
 	CiflowExecSql(sql.data);
 	t->staging_relid = get_relname_relid(name, nspid);
 }
 
 void
-CiflowPrepareTarget(CiflowTarget *t, const CiflowShape *shape)
+CiflowPrepareTarget(CiflowTarget *t, CiflowShape *shape)
 {
 	Oid			nspid;
 	ListCell   *lc;
@@ -491,7 +527,10 @@ CiflowPrepareTarget(CiflowTarget *t, const CiflowShape *shape)
 	if (!t->is_new)
 	{
 		Relation	rel = table_open(t->relid, AccessShareLock);
-		List	   *missing = MatchColumns(t, shape, rel);
+		List	   *missing;
+
+		KeepJsonbColumns(shape, RelationGetDescr(rel));
+		missing = MatchColumns(t, shape, rel);
 
 		/*
 		 * Closed (the lock kept) before the ALTER: an ALTER of a relation
@@ -549,6 +588,41 @@ CiflowAddPrimaryKey(const CiflowTarget *t, const CiflowShape *shape)
 	SPI_finish();
 }
 
+/*
+ * Citus keeps its tables' rows in shards that only its executor writes:
+ * from its own catalog (when Citus is installed), the kind of a Citus
+ * table, or CIFLOW_CITUS_NONE.
+ */
+CiflowCitusKind
+CiflowCitusTableKind(Oid relid)
+{
+	CiflowCitusKind kind = CIFLOW_CITUS_NONE;
+	Datum		arg = ObjectIdGetDatum(relid);
+	Oid			argtype = OIDOID;
+
+	if (!OidIsValid(get_relname_relid("pg_dist_partition", PG_CATALOG_NAMESPACE)))
+		return CIFLOW_CITUS_NONE;
+	SPI_connect();
+	if (SPI_execute_with_args("SELECT p.partmethod::pg_catalog.text, p.repmodel::pg_catalog.text"
+							  " FROM pg_catalog.pg_dist_partition p"
+							  " WHERE p.logicalrelid OPERATOR(pg_catalog.=) $1::pg_catalog.regclass",
+							  1, &argtype, &arg, NULL, true, 1) == SPI_OK_SELECT &&
+		SPI_processed == 1)
+	{
+		char	   *method = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+		char	   *model = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2);
+
+		if (method[0] != 'n')
+			kind = CIFLOW_CITUS_DISTRIBUTED;
+		else if (model[0] == 't')
+			kind = CIFLOW_CITUS_REFERENCE;
+		else
+			kind = CIFLOW_CITUS_LOCAL;
+	}
+	SPI_finish();
+	return kind;
+}
+
 static void
 RefuseSwap(const CiflowTarget *t, const char *why)
 {
@@ -583,6 +657,8 @@ CiflowCheckSwap(const CiflowTarget *t)
 
 	if (!OidIsValid(t->relid))
 		return;					/* a first sync creates the table */
+	if (CiflowCitusTableKind(t->relid) != CIFLOW_CITUS_NONE)
+		RefuseSwap(t, "It is a Citus table: its rows live in shards that only Citus's executor writes, and a swap would write the coordinator's local relation, which no query reads.");
 	rel = table_open(t->relid, AccessShareLock);
 	desc = RelationGetDescr(rel);
 	if (rel->rd_rel->relkind == RELKIND_PARTITIONED_TABLE || rel->rd_rel->relispartition)

@@ -16,6 +16,12 @@
 /* The staging heap's extra column: the order in which rows arrived. */
 #define CIFLOW_STAGE_SEQ "ciflow.seq"
 
+/*
+ * And whether the row is a deletion reported by a delta link (true; NULL
+ * otherwise): only its key is filled.
+ */
+#define CIFLOW_STAGE_DELETED "ciflow.deleted"
+
 typedef struct CiflowTarget
 {
 	char	   *schema;
@@ -59,10 +65,11 @@ extern void CiflowSweepStaging(List *staging_relids);
 
 /*
  * In a transaction, before any page: creates the schema if needed, adds
- * columns for attributes the service added, refuses changed types, and
- * creates the (unlogged) staging heap.
+ * columns for attributes the service added, refuses changed types (but
+ * keeps loading a jsonb column of an earlier sync as jsonb, changing the
+ * shape to say so), and creates the (unlogged) staging heap.
  */
-extern void CiflowPrepareTarget(CiflowTarget *target, const CiflowShape *shape);
+extern void CiflowPrepareTarget(CiflowTarget *target, CiflowShape *shape);
 
 /*
  * Whether the target can still take the shape's rows: every column there
@@ -101,5 +108,16 @@ extern void CiflowDropStaging(CiflowTarget *target);
 
 /* Runs one statement of ciflow's own through SPI (connected by the caller). */
 extern uint64 CiflowExecSql(const char *sql);
+
+/* What Citus makes of a table (if Citus is installed at all). */
+typedef enum CiflowCitusKind
+{
+	CIFLOW_CITUS_NONE,
+	CIFLOW_CITUS_DISTRIBUTED,	/* hash- or range-distributed */
+	CIFLOW_CITUS_REFERENCE,		/* replicated to every node */
+	CIFLOW_CITUS_LOCAL			/* a Citus local table on the coordinator */
+} CiflowCitusKind;
+
+extern CiflowCitusKind CiflowCitusTableKind(Oid relid);
 
 #endif							/* CIFLOW_TARGET_H */

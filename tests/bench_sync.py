@@ -122,7 +122,7 @@ def sync_seconds(pg, memory):
     return elapsed, rows[0]
 
 
-def measured_sync(pg, entity, publish="diff"):
+def measured_sync(pg, entity, publish="diff", target=None):
     """(seconds, publish seconds, WAL bytes, (inserted, updated, deleted)) of one sync.
 
     The publish is timed from the worker's phases as pg_stat_activity shows
@@ -132,8 +132,9 @@ def measured_sync(pg, entity, publish="diff"):
     lsn = pg.sql("SELECT pg_current_wal_lsn()")[0][0]
     phases.start()
     start = time.perf_counter()
+    to = f", target => '{target}'" if target else ""
     counts = pg.sql(f"SELECT inserted, updated, deleted FROM ciflow.sync('emu', '{entity}',"
-                    f" publish => '{publish}')")[0]
+                    f" publish => '{publish}'{to})")[0]
     end = time.perf_counter()
     phases.done.set()
     phases.join()
@@ -200,6 +201,72 @@ def resync_table(emu, pg, rows):
               f"{wal / 1e6:>9.2f} {publish_s / base[0]:>13.2f} {wal / base[1]:>10.4f}")
 
 
+def citus_cluster():
+    """A coordinator and two workers with Citus, or None (and why) without it."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "extension"))
+    from test_citus import citus_available
+    reason = citus_available()
+    if reason:
+        return None, reason
+    settings = {"shared_preload_libraries": "citus,ciflow", "max_worker_processes": 24}
+    nodes = [PgCluster(settings=settings) for _ in range(3)]
+    for n in nodes:
+        n.start()
+        n.sql("CREATE EXTENSION citus")
+    nodes[0].sql("SELECT citus_set_coordinator_host('127.0.0.1', %s)", (nodes[0].port,))
+    for w in nodes[1:]:
+        nodes[0].sql("SELECT citus_add_node('127.0.0.1', %s)", (w.port,))
+    return nodes, None
+
+
+def citus_table(emu, rows, page_size):
+    """First sync and 1 %-changed re-sync into a distributed table, against
+    the same into a plain table of the same coordinator."""
+    nodes, reason = citus_cluster()
+    if nodes is None:
+        print(f"\nCitus: not measured ({reason})")
+        return
+    try:
+        pg = nodes[0]
+        pg.sql("CREATE EXTENSION ciflow")
+        connect(pg, emu, page_size)
+        entity = "Resync"
+        emu.set_entity(entity, {"entityType": "profile"}, **generated(rows))
+        emu.control("POST", f"entities/{entity}/rows", dict(generated(rows), mode="replace"))
+        pg.sql("CREATE SCHEMA crm")
+        first_plain = measured_sync(pg, entity, target="crm.plain")
+        pg.sql("CREATE TABLE crm.dist (LIKE crm.plain INCLUDING ALL)")
+        pg.sql("SELECT create_distributed_table('crm.dist', 'customer_id')")
+        first_dist = measured_sync(pg, entity, target="crm.dist")
+        one_pct = rows // 100
+        set_rows(emu, entity, generated(rows - one_pct),
+                 changed_rows(emu, entity, rows - one_pct, one_pct, 1))
+        re_plain = measured_sync(pg, entity, target="crm.plain")
+        re_dist = measured_sync(pg, entity, target="crm.dist")
+        print(f"\nCitus: {rows} rows, a coordinator and two workers (distributed against plain"
+              f" on the same coordinator)")
+        print(f"{'step':<32} {'ins/upd/del':>14} {'sync s':>8} {'publish s':>9} {'ratio':>7}")
+        for name, plain, dist in (("first sync", first_plain, first_dist),
+                                  ("re-sync, 1 % changed", re_plain, re_dist)):
+            for kind, m in (("plain", plain), ("distributed", dist)):
+                print(f"{name + ', ' + kind:<32} {'/'.join(map(str, m[3])):>14} {m[0]:>8.2f} "
+                      f"{m[1]:>9.2f} {m[1] / plain[1]:>7.2f}")
+    finally:
+        for n in nodes:
+            n.cleanup()
+
+
+def connect(pg, emu, page_size):
+    pg.exec_params(
+        "SELECT ciflow.create_connection('emu', base_url => $1, instance_id => $2,"
+        " token_url => $3, client_id => $4, client_secret => $5,"
+        " subscription_key => $6, page_size => $7,"
+        # Throughput, not the call limit (100 per minute by default), is measured.
+        " max_calls => 6000, per_interval => '1 second')",
+        (emu.base_url, INSTANCE_ID, emu.token_url, CLIENT_ID, CLIENT_SECRET, SUB_KEY,
+         page_size))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", default="20000,200000",
@@ -207,6 +274,8 @@ def main():
     parser.add_argument("--page-size", type=int, default=1000)
     parser.add_argument("--resync-rows", type=int, default=200000,
                         help="entity size of the re-sync measurements (0: none)")
+    parser.add_argument("--citus-rows", type=int, default=0,
+                        help="entity size of the Citus measurements (0: none; needs Citus)")
     parser.add_argument("--skip-throughput", action="store_true",
                         help="only the re-sync measurements")
     args = parser.parse_args()
@@ -217,14 +286,7 @@ def main():
           f"{'publish RssAnon':>14}")
     with Emulator("--max-top", str(args.page_size)) as emu, PgCluster() as pg:
         pg.sql("CREATE EXTENSION ciflow")
-        pg.exec_params(
-            "SELECT ciflow.create_connection('emu', base_url => $1, instance_id => $2,"
-            " token_url => $3, client_id => $4, client_secret => $5,"
-            " subscription_key => $6, page_size => $7,"
-            # Throughput, not the call limit (100 per minute by default), is measured.
-            " max_calls => 6000, per_interval => '1 second')",
-            (emu.base_url, INSTANCE_ID, emu.token_url, CLIENT_ID, CLIENT_SECRET, SUB_KEY,
-             args.page_size))
+        connect(pg, emu, args.page_size)
         for rows in [] if args.skip_throughput else sizes:
             emu.control("POST", "entities/Customer/rows",
                         {"mode": "replace",
@@ -241,6 +303,8 @@ def main():
                   f"{memory.peak_kb.get('publishing', 0):>14}")
         if args.resync_rows:
             resync_table(emu, pg, args.resync_rows)
+        if args.citus_rows:
+            citus_table(emu, args.citus_rows, args.page_size)
 
 
 if __name__ == "__main__":

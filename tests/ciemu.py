@@ -4027,6 +4027,8 @@ class Handler(BaseHTTPRequestHandler):
             "seq": ctx.seq, "time": fmt_ticks(self.server.state.clock.now()), "method": ctx.method,
             "path": ctx.path, "query": params, "route": ctx.route,
             "prefer": ctx.headers.get("Prefer"), "accept": ctx.headers.get("Accept"),
+            "odata_version": ctx.headers.get("OData-Version"),
+            "odata_maxversion": ctx.headers.get("OData-MaxVersion"),
             "key": ctx.key, "token": ctx.token, "client": ctx.client, "status": status,
             "bytes": sent, "rows": rows, "fault": ctx.fault,
             "duration_ms": round((time.monotonic() - t0) * 1000, 1)})
@@ -4291,6 +4293,7 @@ RATE LIMIT  rate N/W: sliding window of W seconds per subscription key (datavers
 
 REQUEST LOG  every API request (not control): seq (also the X-Emulator-Seq reply header), time,
   method, path (decoded), query (decoded; subscription-key redacted), route, prefer, accept,
+  odata_version and odata_maxversion (the OData-Version/OData-MaxVersion headers),
   key (primary|secondary|invalid; null if none was presented, on any route), token (tok-N|
   unknown|null, likewise), client (token endpoint), status (null for a reset), bytes (body
   bytes sent), rows, fault (rule id), duration_ms.  Kept in memory (last {cap}) and appended

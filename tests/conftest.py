@@ -116,6 +116,23 @@ def tls_emulator_server():
         emu.stop()
 
 
+@pytest.fixture(scope="module")
+def dataverse_server():
+    """An emulator of the dataverse flavour (/api/data/v9.2)."""
+    from emulator_client import Emulator
+    emu = Emulator("--flavor", "dataverse").start()
+    try:
+        yield emu
+    finally:
+        emu.stop()
+
+
+@pytest.fixture
+def dataverse(dataverse_server):
+    dataverse_server.reset()
+    return dataverse_server
+
+
 @pytest.fixture
 def emulator(emulator_server):
     emulator_server.reset()

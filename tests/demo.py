@@ -15,6 +15,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+import demo_delivery  # noqa: E402
 import demo_events  # noqa: E402
 import emulator_client as ec  # noqa: E402
 from harness import PgCluster  # noqa: E402
@@ -50,6 +51,7 @@ def main():
             proc = pg.psql(args, check=False, capture=False)
             if proc.returncode == 0:
                 demo_events.run(pg, emu)
+                demo_delivery.run(pg, emu)
             print("== Stopping PostgreSQL and the emulator")
     if proc.returncode != 0:
         print(f"demo: psql failed with exit status {proc.returncode}", file=sys.stderr)

@@ -64,6 +64,23 @@ SELECT id, entity, target, status, pages, rows, api_calls
 -- Typed columns, snake_case names, the original names as comments, the key as primary key.
 \d+ contoso.customer
 
+-- A re-sync applies only the difference, as ordinary row changes: nothing changed upstream,
+-- so nothing is written.
+SELECT id, entity, status, rows, inserted, updated, deleted
+  FROM ciflow.sync('contoso', 'Customer');
+
+-- Using a connection is a privilege of its own: an analyst role may read runs and use
+-- 'contoso' once its owner grants it.
+CREATE ROLE analyst;
+GRANT SELECT ON ciflow.connections TO analyst;
+SET ROLE analyst;
+SELECT count(*) AS connections_analyst_sees FROM ciflow.connections;
+RESET ROLE;
+SELECT ciflow.grant_connection('contoso', 'analyst');
+SET ROLE analyst;
+SELECT name, owner, has_client_secret FROM ciflow.connections;
+RESET ROLE;
+
 -- ======================================================================
 -- 6. Plain SQL over the synced data
 -- ======================================================================
@@ -100,7 +117,7 @@ SELECT c.full_name, c.city, count(*) AS activities, sum(a.amount) AS spent
 -- ======================================================================
 -- 7. Every run is recorded
 -- ======================================================================
-SELECT id, connection, entity, target, mode, status, pages, rows, api_calls, retries,
-       http_status, error
+SELECT id, connection, entity, target, mode, status, pages, rows, inserted, updated, deleted,
+       api_calls, http_status, error
   FROM ciflow.sync_runs
  ORDER BY id;

@@ -16,7 +16,7 @@ set -euo pipefail
 
 CIFLOW_DEBS=(postgresql-15 postgresql-server-dev-15 libcurl4-openssl-dev
              libjansson-dev python3-pytest python3-psycopg2 openssl make gcc
-             libxml2-dev nodejs postgresql-15-cron)
+             libxml2-dev nodejs python3-aiosmtpd postgresql-15-cron)
 
 ciflow_install_deps() {
     if [[ "${CIFLOW_SKIP_APT:-0}" == 1 ]]; then

@@ -6,6 +6,7 @@ emulator's request log, and exact row-set comparison between a synced table
 and the emulator's own rows (canonical values, SHA-256 over the sorted set).
 """
 
+import base64
 import contextlib
 import datetime as dt
 import decimal
@@ -24,15 +25,23 @@ from harness import PgError
 # Section 3 of the SQL contract; every other Edm type becomes jsonb.
 EDM_TO_PG = {
     "Edm.String": "text",
+    "Edm.Int16": "smallint",
+    "Edm.Byte": "smallint",
+    "Edm.SByte": "smallint",
     "Edm.Int32": "integer",
     "Edm.Int64": "bigint",
+    "Edm.Single": "real",
     "Edm.Double": "double precision",
     "Edm.Decimal": "numeric",
     "Edm.Boolean": "boolean",
     "Edm.DateTimeOffset": "timestamp with time zone",
     "Edm.Date": "date",
+    "Edm.TimeOfDay": "time without time zone",
+    "Edm.Duration": "interval",
     "Edm.Guid": "uuid",
+    "Edm.Binary": "bytea",
 }
+INTEGER_EDM = ("Edm.Int16", "Edm.Byte", "Edm.SByte", "Edm.Int32", "Edm.Int64")
 
 
 def pg_type_for(edm):
@@ -203,16 +212,27 @@ def _canon_decimal(d):
     return format(d.normalize(), "f")
 
 
+def _canon_time(text):
+    """hh:mm:ss[.fffffff] as microseconds (PostgreSQL's time keeps six digits)."""
+    hms, _, frac = text.partition(".")
+    return "%s.%s" % (hms, (frac + "000000")[:6])
+
+
 def canon_emu(value, edm):
     """Canonical text of a value as the emulator serves it."""
     if value is None:
         return None
     if edm == "Edm.String":
         return str(value)
-    if edm in ("Edm.Int32", "Edm.Int64"):
+    if edm in INTEGER_EDM:
         return str(int(value))
-    if edm == "Edm.Double":
+    if edm in ("Edm.Double", "Edm.Single"):
         return repr(float(value))
+    if edm == "Edm.TimeOfDay":
+        return _canon_time(value)
+    if edm == "Edm.Binary":
+        return base64.b64decode(value.replace("-", "+").replace("_", "/")
+                                + "=" * (-len(value) % 4)).hex()
     if edm == "Edm.Decimal":
         return _canon_decimal(str(value))
     if edm == "Edm.Boolean":
@@ -232,10 +252,14 @@ def canon_pg(value, edm):
         return None
     if edm == "Edm.String":
         return value
-    if edm in ("Edm.Int32", "Edm.Int64"):
+    if edm in INTEGER_EDM:
         return str(value)
-    if edm == "Edm.Double":
+    if edm in ("Edm.Double", "Edm.Single"):
         return repr(float(value))
+    if edm == "Edm.TimeOfDay":
+        return _canon_time(value.isoformat())
+    if edm == "Edm.Binary":
+        return bytes(value).hex()
     if edm == "Edm.Decimal":
         return _canon_decimal(value)
     if edm == "Edm.Boolean":

@@ -382,3 +382,32 @@ def test_a_server_restart_fires_no_duplicate(private_ciflow, emulator):
     assert pg.sql("SELECT count(*) FROM ciflow.poll('emu')") == [(0,)]
     assert pg.sql("SELECT kind FROM ciflow.events ORDER BY id") == [
         ("sync_succeeded",), ("datasource_refresh_failed",)]
+
+
+def test_documented_addresses_are_the_fallback_on_404(ciflow_db, clean, emulator, listener):
+    """E6 and E7: where the first address answers 404, the docs' form is asked
+    (datasources/v2, manage/workflows/main), and the pass goes on as usual."""
+    for path in (r"/manage/datasources$", r"/instances/[^/]+/workflows/main/jobs$"):
+        emulator.add_fault({"method": "GET", "path": path}, {"status": 404})
+    poll(ciflow_db)
+    set_datasource(emulator, "RetailPos", refreshState="updateFailed", lastRefresh="now")
+    since = emulator.log()[-1]["seq"]
+    new = poll(ciflow_db)
+    assert [(e["kind"], e["subject"]) for e in new] == [("datasource_refresh_failed", RETAIL_POS)]
+    assert_notified(listener, new)
+    paths = [(e["path"].split("/instances/", 1)[-1], e["status"]) for e in emulator.log(since)
+             if "/instances/" in e["path"]]
+    refused = sorted(p.split("/", 1)[1] for p, s in paths if s == 404)
+    assert refused == ["manage/datasources", "workflows/main/jobs"], paths
+    assert any(p.endswith("/manage/datasources/v2") and s == 200 for p, s in paths), paths
+    assert any("/manage/workflows/main/jobs" in p and s == 200 for p, s in paths), paths
+
+
+def test_a_404_without_a_fallback_fails_the_pass(ciflow_db, clean, emulator):
+    poll(ciflow_db)
+    for path in (r"/manage/datasources(/v2)?$",):
+        emulator.add_fault({"method": "GET", "path": path}, {"status": 404})
+    with raises_sqlstate("42704") as e:
+        poll(ciflow_db)
+    assert "HTTP status 404" in e.detail
+    assert events(ciflow_db) == []

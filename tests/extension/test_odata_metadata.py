@@ -49,22 +49,6 @@ ORDER_LINE = {"entityType": "activity",
               "keys": [["OrderId", "LineNo"]]}
 
 
-@pytest.fixture(scope="module")
-def dataverse_server():
-    from emulator_client import Emulator
-    emu = Emulator("--flavor", "dataverse").start()
-    try:
-        yield emu
-    finally:
-        emu.stop()
-
-
-@pytest.fixture
-def dataverse(dataverse_server):
-    dataverse_server.reset()
-    return dataverse_server
-
-
 def _create(db, name, args):
     query, params = create_connection_sql(name, args)
     db.sql(query, params)

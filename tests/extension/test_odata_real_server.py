@@ -10,6 +10,7 @@ started and stopped by the fixture.  Without node/npm or the registry the
 tests are skipped, saying why.
 """
 
+import decimal
 import json
 import os
 import shutil
@@ -182,3 +183,40 @@ def test_get_item_with_an_int32_key(ciflow_db, shop):
         "SELECT ciflow.get_item('shop', 'Products', '99', key_name => 'ID')")[0][0] is None
     with raises_sqlstate("22P02"):
         ciflow_db.sql("SELECT ciflow.get_item('shop', 'Products', '7 or true', key_name => 'ID')")
+
+
+def test_sync_products_and_order_lines(ciflow_db, shop):
+    """sync on a server we did not write: typed columns from its $metadata,
+    the key, the comments, every row over several pages, and a re-sync that
+    finds nothing to change."""
+    ciflow_db.sql("SELECT ciflow.alter_connection('shop', page_size => 7)")
+    try:
+        run = ciflow_db.sql("SELECT status, rows, pages, inserted FROM ciflow.sync('shop', 'Products')")
+        assert run[0][:2] == ("succeeded", 25) and run[0][2] >= 4 and run[0][3] == 25, run
+        cols = ciflow_db.sql(
+            "SELECT a.attname, format_type(a.atttypid, a.atttypmod), col_description(a.attrelid, a.attnum)"
+            " FROM pg_attribute a WHERE a.attrelid = 'shop.products'::regclass AND a.attnum > 0"
+            " AND NOT a.attisdropped ORDER BY a.attnum")
+        assert cols == [("id", "integer", "ID"), ("name", "text", "Name"),
+                        ("price", "numeric", "Price"), ("stock", "smallint", "Stock"),
+                        ("available", "boolean", "Available"),
+                        ("release_date", "date", "ReleaseDate")]
+        rows = ciflow_db.sql("SELECT id, name, price, stock, available, release_date::text"
+                             " FROM shop.products ORDER BY id")
+        assert rows == [(p["ID"], p["Name"], decimal.Decimal(repr(p["Price"])), p["Stock"],
+                         p["Available"], p["ReleaseDate"]) for p in PRODUCTS]
+        assert ciflow_db.sql("SELECT a.attname FROM pg_index i JOIN pg_attribute a"
+                             " ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)"
+                             " WHERE i.indrelid = 'shop.products'::regclass AND i.indisprimary") \
+            == [("id",)]
+        again = ciflow_db.sql("SELECT status, inserted, updated, deleted FROM ciflow.sync('shop', 'Products')")
+        assert again == [("succeeded", 0, 0, 0)]
+
+        lines = ciflow_db.sql("SELECT status, rows FROM ciflow.sync('shop', 'OrderLines')")
+        assert lines == [("succeeded", 12)]
+        assert ciflow_db.sql("SELECT order_id, line_no, product_id, quantity FROM shop.order_lines"
+                             " ORDER BY quantity") == \
+            [(o["OrderID"], o["LineNo"], o["ProductID"], o["Quantity"]) for o in ORDER_LINES]
+    finally:
+        ciflow_db.sql("DROP SCHEMA IF EXISTS shop CASCADE")
+

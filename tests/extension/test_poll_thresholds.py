@@ -208,3 +208,30 @@ def test_status_fallback_when_jobs_carry_no_tasks(ciflow_db, clean, emulator, li
                    "steps": {"map": "successful", "match": "successful", "merge": "successful"},
                    "submission_kind": None, "ended": merge["endTimestamp"]})]
     assert poll(ciflow_db) == []
+
+
+def test_readme_joins_of_events_with_synced_tables(ciflow_db, clean, emulator):
+    """The two joins of the README's Events section, run as printed there."""
+    for entity in ("Customer", "HighValue", "RetailPos_Transactions"):
+        ciflow_db.sql("SELECT * FROM ciflow.sync('emu', %s)", (entity,))
+    add(ciflow_db, "segment", "HighValue", 50)
+    poll(ciflow_db)
+    set_segment(emulator, "HighValue", 60)
+    emulator.control("POST", "datasources/RetailPos",
+                     {"refreshState": "updateFailed", "lastRefresh": "now"})
+    poll(ciflow_db)
+    members = ciflow_db.sql("""
+        SELECT e.created_at, e.payload ->> 'value' AS members, c.full_name, c.email
+          FROM ciflow.events e
+          JOIN emu.high_value h ON e.subject = 'HighValue'
+          JOIN emu.customer c USING (customer_id)
+         WHERE e.kind = 'segment_threshold_exceeded' AND e.id > 0""")
+    assert len(members) == 43 and {m[1] for m in members} == {"60"}, members[:3]
+    failed = ciflow_db.sql("""
+        SELECT e.payload ->> 'name' AS source, e.payload ->> 'last_refresh' AS failed_at,
+               max(t.transaction_time) AS newest_row
+          FROM ciflow.events e
+          JOIN emu.retail_pos_transactions t ON e.payload ->> 'name' = 'RetailPos'
+         WHERE e.kind = 'datasource_refresh_failed'
+         GROUP BY 1, 2""")
+    assert len(failed) == 1 and failed[0][0] == "RetailPos" and failed[0][2] is not None

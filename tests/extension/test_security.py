@@ -92,9 +92,10 @@ def plant_traps(db):
 def attacker(ciflow_db, pg_cluster):
     pg_cluster.create_role(ATTACKER)
     db = ciflow_db
-    for grant in ("GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA ciflow TO {r}",
+    for grant in ("GRANT EXECUTE ON ALL ROUTINES IN SCHEMA ciflow TO {r}",
                   "GRANT SELECT ON ciflow.connections, ciflow.sync_runs,"
-                  " ciflow.sync_progress TO {r}",
+                  " ciflow.sync_progress, ciflow.events, ciflow.refresh_states,"
+                  " ciflow.thresholds, ciflow.sinks, ciflow.deliveries TO {r}",
                   "GRANT CREATE ON DATABASE {d} TO {r}"):
         db.sql(grant.format(r=ATTACKER, d=qident(db.name)))
     plant_traps(db)
@@ -119,28 +120,81 @@ def trap_lines(text):
 
 
 def calls_for(emulator):
-    """Every SQL-callable function of ciflow the attacker may execute."""
+    """Every SQL-callable function of ciflow the attacker may execute, as
+    (label, function, query, parameters); every relation it may read."""
     mal_args = connection_args(emulator)
     create, create_params = create_connection_sql("mal_conn", mal_args)
+    sync = "SELECT status FROM ciflow.sync('emu', 'Customer', target => 'mallory.customer')"
     return [
-        ("create_connection", create, create_params),
-        ("alter_connection", "SELECT ciflow.alter_connection('mal_conn', page_size => 50)", None),
-        ("grant_connection", "SELECT ciflow.grant_connection('mal_conn', 'mallory')", None),
-        ("revoke_connection", "SELECT ciflow.revoke_connection('mal_conn', 'mallory')", None),
-        ("get_entities", "SELECT count(*) FROM ciflow.get_entities('emu')", None),
-        ("get_items", "SELECT count(*) FROM ciflow.get_items('emu', 'Customer', top => 3)", None),
-        ("get_item", "SELECT ciflow.get_item('emu', 'Customer', %s)", (ec_first_key(emulator),)),
-        ("sync", "SELECT status FROM ciflow.sync('emu', 'Customer', target => 'mallory.customer')",
+        ("create_connection", "create_connection", create, create_params),
+        # A sink first: the events of the sync and the polls below are queued for it.
+        ("add_sink", "add_sink",
+         "SELECT ciflow.add_sink('mal-sink', 'http://127.0.0.1:9/hook', secret => 'k')", None),
+        ("sink_owned_by", "sink_owned_by",
+         "SELECT ciflow.sink_owned_by('mal-sink', 'mallory')", None),
+        ("alter_connection", "alter_connection",
+         "SELECT ciflow.alter_connection('mal_conn', page_size => 50)", None),
+        ("grant_connection", "grant_connection",
+         "SELECT ciflow.grant_connection('mal_conn', 'mallory')", None),
+        ("revoke_connection", "revoke_connection",
+         "SELECT ciflow.revoke_connection('mal_conn', 'mallory')", None),
+        ("get_entities", "get_entities", "SELECT count(*) FROM ciflow.get_entities('emu')", None),
+        ("get_items", "get_items",
+         "SELECT count(*) FROM ciflow.get_items('emu', 'Customer', top => 3)", None),
+        ("get_item", "get_item", "SELECT ciflow.get_item('emu', 'Customer', %s)",
+         (ec_first_key(emulator),)),
+        ("describe_entity", "describe_entity",
+         "SELECT count(*) FROM ciflow.describe_entity('emu', 'Customer')", None),
+        ("sync", "sync", sync, None),
+        ("re-sync", "sync", sync, None),
+        ("incremental sync", "sync",
+         "SELECT status FROM ciflow.sync('emu', 'Customer', target => 'mallory.customer',"
+         " mode => 'incremental')", None),
+        ("poll", "poll", "SELECT count(*) FROM ciflow.poll('emu')", None),
+        ("poll again", "poll", "SELECT count(*) FROM ciflow.poll('emu')", None),
+        ("add_threshold", "add_threshold",
+         "SELECT ciflow.add_threshold('emu', 'segment', 'HighValue', above => 10)", None),
+        ("drop_threshold", "drop_threshold",
+         "SELECT ciflow.drop_threshold(max(id)) FROM ciflow.thresholds", None),
+        ("trim_events", "trim_events", "SELECT ciflow.trim_events()", None),
+        ("schedule_sync", "schedule_sync",
+         "SELECT ciflow.schedule_sync('emu', 'Customer', every => '1 hour',"
+         " target => 'mallory.customer')", None),
+        ("watch", "watch", "SELECT ciflow.watch('emu', cron => '@hourly')", None),
+        ("alter_job", "alter_job",
+         "SELECT ciflow.alter_job(ciflow.watch('emu', every => '2 hours'), enabled => false)",
          None),
-        ("re-sync", "SELECT status FROM ciflow.sync('emu', 'Customer', target => 'mallory.customer')",
-         None),
-        ("connections", "SELECT count(*) FROM ciflow.connections", None),
-        ("sync_runs", "SELECT count(*) FROM ciflow.sync_runs", None),
-        ("sync_progress", "SELECT count(*) FROM ciflow.sync_progress", None),
-        ("connection_owned_by", "SELECT ciflow.connection_owned_by('emu', 'mallory')", None),
-        ("drop_connection", "SELECT ciflow.drop_connection('mal_conn')", None),
-        ("denied get_entities", "SELECT count(*) FROM ciflow.get_entities('mal_gone')", None),
+        ("worker_status", "worker_status", "SELECT state FROM ciflow.worker_status()", None),
+        ("unschedule", "unschedule",
+         "SELECT ciflow.unschedule(ciflow.watch('emu', every => '3 hours'))", None),
+        ("edm_type", "edm_type", "SELECT ciflow.edm_type('Edm.Int16')", None),
+        ("edm_value", "edm_value", "SELECT ciflow.edm_value('7'::jsonb, 'Edm.Int16')", None),
+        ("connection_owned_by", "connection_owned_by",
+         "SELECT ciflow.connection_owned_by('emu', 'mallory')", None),
+        ("connection_usable_by", "connection_usable_by",
+         "SELECT ciflow.connection_usable_by('emu', 'mallory')", None),
+        ("deliver", "deliver", "CALL ciflow.deliver()", None),
+        ("retry_delivery", "retry_delivery",
+         "SELECT ciflow.retry_delivery(max(id)) FROM ciflow.deliveries", None),
+        ("drop_sink", "drop_sink", "SELECT ciflow.drop_sink('mal-sink')", None),
+        ("relations", None,
+         "SELECT (SELECT count(*) FROM ciflow.connections), (SELECT count(*) FROM ciflow.sync_runs),"
+         " (SELECT count(*) FROM ciflow.sync_progress), (SELECT count(*) FROM ciflow.events),"
+         " (SELECT count(*) FROM ciflow.refresh_states),"
+         " (SELECT count(*) FROM ciflow.thresholds), (SELECT count(*) FROM ciflow.sinks),"
+         " (SELECT count(*) FROM ciflow.deliveries)", None),
+        ("drop_connection", "drop_connection", "SELECT ciflow.drop_connection('mal_conn')", None),
+        ("denied get_entities", "get_entities",
+         "SELECT count(*) FROM ciflow.get_entities('mal_gone')", None),
     ]
+
+
+def test_the_attack_covers_every_function(ciflow_db, emulator):
+    """A function added to ciflow must be added to the attack above."""
+    covered = {f for _, f, _, _ in calls_for(emulator) if f}
+    functions = {r[0] for r in ciflow_db.sql(
+        "SELECT proname FROM pg_proc WHERE pronamespace = 'ciflow'::regnamespace")}
+    assert functions - covered == set(), "not attacked: %s" % sorted(functions - covered)
 
 
 def ec_first_key(emulator):
@@ -151,7 +205,7 @@ def ec_first_key(emulator):
 
 def run_all_calls(conn, emulator):
     outcomes = {}
-    for what, query, params in calls_for(emulator):
+    for what, _, query, params in calls_for(emulator):
         with conn.cursor() as cur:
             try:
                 cur.execute(query, params)
@@ -191,6 +245,13 @@ def test_planted_operators_and_lookalikes_never_run_elevated(
     assert outcomes["sync"] == [("succeeded",)], outcomes
     assert outcomes["re-sync"] == [("succeeded",)], outcomes
     assert outcomes["create_connection"] == [("",)], outcomes
+    assert outcomes["incremental sync"] == [("succeeded",)], outcomes
+    assert isinstance(outcomes["poll again"], list), outcomes
+    assert isinstance(outcomes["add_threshold"], list), outcomes
+    assert outcomes["add_sink"] == [("",)], outcomes
+    assert outcomes["deliver"][0][0] >= 1, outcomes        # the syncs' events, queued
+    assert outcomes["drop_sink"] == [("",)], outcomes
+    assert isinstance(outcomes["relations"], list), outcomes
     assert outcomes["denied get_entities"].startswith("42704"), outcomes
 
     assert attacker_state(ciflow_db) == PLAIN

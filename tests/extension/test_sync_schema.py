@@ -69,8 +69,9 @@ EXPECTED = {
           "single_value": 1.5, "is_active": True, "birth_date": dt.date(2024, 2, 29),
           # 7 fractional digits are truncated to microseconds (A.1), not rounded.
           "created_on": dt.datetime(2025, 3, 1, 2, 13, 0, 123456, tzinfo=UTC),
-          "opens_at": "13:45:30.5000000", "external_ref": "6f9619ff-8b86-d011-b42d-00c04fc964ff",
-          "photo": "AAEC/w==", "location": {"type": "Point", "coordinates": [13.4, 52.5]}},
+          "opens_at": dt.time(13, 45, 30, 500000),
+          "external_ref": "6f9619ff-8b86-d011-b42d-00c04fc964ff",
+          "photo": b"\x00\x01\x02\xff", "location": {"type": "Point", "coordinates": [13.4, 52.5]}},
     "b": {k: None for k in ("full_name", "small_number", "loyalty_points", "purchase_count",
                             "byte_value", "signed_byte", "lifetime_value", "churn_score",
                             "single_value", "is_active", "birth_date", "created_on", "opens_at",
@@ -80,8 +81,8 @@ EXPECTED = {
           "lifetime_value": decimal.Decimal("-0.01"), "churn_score": -1.5e300, "single_value": 0,
           "is_active": False, "birth_date": dt.date(1, 1, 1),
           "created_on": dt.datetime(1999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
-          "opens_at": "00:00:00", "external_ref": "00000000-0000-0000-0000-000000000000",
-          "photo": "", "location": None},
+          "opens_at": dt.time(0, 0), "external_ref": "00000000-0000-0000-0000-000000000000",
+          "photo": b"", "location": None},
 }
 
 
@@ -107,6 +108,9 @@ def assert_zoo_table(db, schema, table):
         # uuid comes back as str from psycopg2 unless registered: compare text.
         if got["external_ref"] is not None:
             got["external_ref"] = str(uuid.UUID(str(got["external_ref"])))
+        # bytea comes back as a memoryview.
+        if got["photo"] is not None:
+            got["photo"] = bytes(got["photo"])
         assert got == EXPECTED[r["zoo_id"]], r["zoo_id"]
 
 
@@ -181,3 +185,37 @@ def test_resync_keeps_table_and_replaces_rows(ciflow_db, zoo, emulator):
     # Not asserted: whether the table keeps its OID (a swap may replace it);
     # test_sync_consistency.py checks that views and grants survive.
     assert oid is not None
+
+
+# Types a sync mapped to jsonb before the Edm map was widened (issue 10).
+OLD_JSONB = {"small_number", "byte_value", "signed_byte", "single_value", "opens_at", "photo"}
+
+
+def test_jsonb_columns_of_an_earlier_sync_stay_jsonb(ciflow_db, zoo):
+    """A target made when Int16, Byte, SByte, Single, TimeOfDay and Binary
+    landed in jsonb keeps those columns, loaded as jsonb, instead of failing
+    with 42804; a column the user converts is loaded with its new type."""
+    cols = ", ".join(f"{snake(n)} {'jsonb' if snake(n) in OLD_JSONB else pg_type_for(t)}"
+                     for n, t in ZOO_ATTRIBUTES)
+    ciflow_db.sql("CREATE SCHEMA crm")
+    ciflow_db.sql(f"CREATE TABLE crm.zoo_old ({cols}, PRIMARY KEY (zoo_id))")
+    run = sync(ciflow_db, "emu", "TypeZoo", target="crm.zoo_old")
+    assert run["status"] == "succeeded" and run["inserted"] == 3, run
+    types = {c: t for c, t, _ in table_columns(ciflow_db, "crm", "zoo_old")}
+    assert {c for c, t in types.items() if t == "jsonb"} == OLD_JSONB | {"location"}
+    a = dict_rows(ciflow_db, "SELECT * FROM crm.zoo_old WHERE zoo_id = 'a'")[0]
+    assert (a["small_number"], a["byte_value"], a["signed_byte"], a["single_value"],
+            a["opens_at"], a["photo"]) == (-12, 255, -128, 1.5, "13:45:30.5000000", "AAEC/w==")
+    assert a["loyalty_points"] == 2147483647 and a["location"]["type"] == "Point"
+    # Nothing changed: the re-sync writes nothing.
+    again = sync(ciflow_db, "emu", "TypeZoo", target="crm.zoo_old")
+    assert (again["status"], again["inserted"], again["updated"], again["deleted"]) == \
+        ("succeeded", 0, 0, 0), again
+    # Converted by the user: filled with the mapped type from then on.
+    ciflow_db.sql("ALTER TABLE crm.zoo_old ALTER COLUMN small_number TYPE smallint"
+                  " USING (small_number #>> '{}')::smallint")
+    ciflow_db.sql("UPDATE crm.zoo_old SET small_number = 7 WHERE zoo_id = 'a'")
+    third = sync(ciflow_db, "emu", "TypeZoo", target="crm.zoo_old")
+    assert (third["status"], third["updated"]) == ("succeeded", 1), third
+    assert ciflow_db.sql("SELECT small_number, pg_typeof(small_number)::text FROM crm.zoo_old"
+                         " WHERE zoo_id = 'a'") == [(-12, "smallint")]
