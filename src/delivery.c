@@ -48,6 +48,7 @@
 #include "utils/builtins.h"
 #include "utils/json.h"
 #include "utils/memutils.h"
+#include "utils/snapmgr.h"
 
 #include "ciflow_json.h"
 
@@ -1102,6 +1103,7 @@ PassBegin(Pass *pass, bool own_transactions)
 	{
 		SetCurrentStatementStartTimestamp();
 		StartTransactionCommand();
+		PushActiveSnapshot(GetTransactionSnapshot());
 	}
 	MemoryContextSwitchTo(pass->cxt);
 }
@@ -1110,7 +1112,10 @@ static void
 PassCommit(Pass *pass, bool own_transactions)
 {
 	if (own_transactions)
+	{
+		PopActiveSnapshot();
 		CommitTransactionCommand();
+	}
 	else
 		SPI_commit();
 	MemoryContextSwitchTo(pass->cxt);
