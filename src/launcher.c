@@ -19,7 +19,9 @@
  *	  When it starts (after a crash or a restart too) it marks the runs
  *	  that no living process runs any more as failed, drops their staging
  *	  heaps, and marks the jobs they belonged to.  Once a minute it trims
- *	  ciflow.sync_runs and ciflow.events.  A missing extension, or an error
+ *	  ciflow.sync_runs and ciflow.events.  It also starts a delivery pass
+ *	  (delivery.c, one at a time) whenever a pending delivery of
+ *	  ciflow.deliveries is due.  A missing extension, or an error
  *	  in a pass, is logged at most once a minute and never makes it exit.
  *
  *	  Shared memory holds what ciflow.worker_status() shows, and the
@@ -60,6 +62,7 @@
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
+#include "catalog.h"
 #include "ciflow.h"
 #include "jobs.h"
 #include "launcher.h"
@@ -78,6 +81,7 @@ extern PGDLLEXPORT Datum ciflow_trim_events(PG_FUNCTION_ARGS);
 #define TRIM_EVERY_MS (60 * 1000)
 #define LONGEST_SLEEP_MS (3600 * 1000)
 #define RUN_TRIM_BATCH 1000
+#define DELIVERY_GAP_MS 1000	/* between the starts of two delivery passes */
 
 typedef struct LauncherChildInfo
 {
@@ -124,6 +128,7 @@ static bool extension_present = false;
 static TimestampTz last_trim = 0;
 static TimestampTz last_error_logged = 0;
 static TimestampTz last_missing_logged = 0;
+static TimestampTz last_delivery_pass = 0;
 
 /* ---------- shared memory, the commit hook ---------- */
 
@@ -422,16 +427,61 @@ StartChild(const CiflowJob *job)
 	MemoryContextSwitchTo(oldcxt);
 	if (child->seg == NULL)
 	{
-		ReportProblem(psprintf("could not start job " INT64_FORMAT ": %s", job->id, error),
+		ReportProblem(job ? psprintf("could not start job " INT64_FORMAT ": %s", job->id, error) :
+					  psprintf("could not start a delivery pass: %s", error),
 					  &last_error_logged);
 		return false;
 	}
 	/* The segment outlives this transaction: the child may not have attached yet. */
 	dsm_pin_mapping(child->seg);
 	child->used = true;
-	child->job_id = job->id;
+	child->job_id = job ? job->id : 0;
 	child->started_at = GetCurrentTimestamp();
 	return true;
+}
+
+/* When the next pending delivery is due (seconds from now); NULL: none. */
+static CiflowCatalogStatement next_delivery = {
+	.sql = "SELECT pg_catalog.date_part('epoch', pg_catalog.min(next_attempt_at)"
+	" OPERATOR(pg_catalog.-) pg_catalog.clock_timestamp())"
+	" FROM ciflow.deliveries WHERE status OPERATOR(pg_catalog.=) 'pending'",
+	.nargs = 0
+};
+
+/*
+ * One delivery pass at a time (its child has job id 0) when a delivery is
+ * due; the commit that records an event (and its deliveries) wakes us.
+ */
+static void
+StartDeliveries(long *sleep_ms)
+{
+	HeapTuple	tup;
+	TupleDesc	desc;
+	bool		isnull;
+	double		wait_s;
+
+	if (ChildRunning(0))
+		return;					/* its end wakes us */
+	if (last_delivery_pass != 0 &&
+		!TimestampDifferenceExceeds(last_delivery_pass, GetCurrentTimestamp(), DELIVERY_GAP_MS))
+	{
+		*sleep_ms = Min(*sleep_ms, DELIVERY_GAP_MS);
+		return;
+	}
+	if (CiflowCatalogExecute(&next_delivery, NULL, NULL, &tup, &desc) == 0 || tup == NULL)
+		return;
+	wait_s = DatumGetFloat8(heap_getattr(tup, 1, desc, &isnull));
+	if (isnull)
+		return;
+	if (wait_s > 0)
+		*sleep_ms = Min(*sleep_ms, (long) (wait_s * 1000.0) + 1);
+	else if (ChildCount() < ciflow_settings.max_concurrent_jobs)
+	{
+		if (StartChild(NULL))
+			last_delivery_pass = GetCurrentTimestamp();
+		else
+			*sleep_ms = Min(*sleep_ms, ERROR_RETRY_MS);
+	}
 }
 
 /* Starts the due jobs; *sleep_ms: until the next one is due. */
@@ -463,6 +513,7 @@ StartDueJobs(void *arg)
 		if (!StartChild(&job))
 			*sleep_ms = Min(*sleep_ms, ERROR_RETRY_MS);
 	}
+	StartDeliveries(sleep_ms);
 }
 
 /*
@@ -501,7 +552,7 @@ CollectChildren(void)
 		dsm_detach(children[i].seg);
 		pfree(children[i].handle);
 		children[i].used = false;
-		if (!finished)
+		if (!finished && job_id != 0)
 			(void) InTransaction(RecordLostRun, &job_id, "ciflow launcher: recording a lost run");
 	}
 	PublishChildren();

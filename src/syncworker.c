@@ -61,6 +61,7 @@
 
 #include "ciflow.h"
 #include "connection.h"
+#include "delivery.h"
 #include "jobs.h"
 #include "monitor.h"
 #include "sync.h"
@@ -102,6 +103,7 @@ typedef struct SyncShared
 	int64		job_id;
 	int64		event_id;		/* on_event jobs: the event it answers */
 	bool		watch;			/* a monitoring pass, not a sync */
+	bool		deliver;		/* a delivery pass (the launcher's) */
 
 	/* written by the worker; its error comes through the queue */
 	bool		finished;
@@ -250,6 +252,36 @@ RunJob(SyncShared *sh, CiflowSyncArgs *args)
 
 static void RunForCaller(SyncShared *sh, CiflowSyncArgs *args);
 
+/*
+ * A delivery pass started by the launcher: it commits its own short
+ * transactions (delivery.c); an error goes to the server log, and the
+ * deliveries it left are due again when their lease ends.
+ */
+static void
+RunDeliveryPass(void)
+{
+	int			attempted = 0;
+
+	pgstat_report_activity(STATE_RUNNING, "ciflow delivery pass");
+	PG_TRY();
+	{
+		CiflowDeliveryPass(true, &attempted);
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(TopMemoryContext);
+		edata = CopyErrorData();
+		FlushErrorState();
+		AbortCurrentTransaction();
+		ereport(LOG,
+				(errmsg("ciflow delivery pass failed: %s", edata->message),
+				 edata->detail ? errdetail_internal("%s", edata->detail) : 0));
+	}
+	PG_END_TRY();
+}
+
 void
 ciflow_sync_worker_main(Datum main_arg)
 {
@@ -306,9 +338,12 @@ ciflow_sync_worker_main(Datum main_arg)
 	args.mode = SharedString(sh, STR_MODE);
 	args.publish = SharedString(sh, STR_PUBLISH);
 	args.adopt = sh->adopt;
-	pgstat_report_appname(sh->watch ? "ciflow watch" : "ciflow sync");
+	pgstat_report_appname(sh->deliver ? "ciflow delivery" :
+						  sh->watch ? "ciflow watch" : "ciflow sync");
 
-	if (sh->job_id != 0)
+	if (sh->deliver)
+		RunDeliveryPass();
+	else if (sh->job_id != 0)
 		RunJob(sh, &args);
 	else
 		RunForCaller(sh, &args);
@@ -456,13 +491,16 @@ StartWorker(dsm_segment *seg, BackgroundWorkerHandle **handle)
 	worker.bgw_restart_time = BGW_NEVER_RESTART;
 	strlcpy(worker.bgw_library_name, "ciflow", BGW_MAXLEN);
 	strlcpy(worker.bgw_function_name, "ciflow_sync_worker_main", BGW_MAXLEN);
-	if (sh->watch)
+	if (sh->deliver)
+		strlcpy(worker.bgw_name, "ciflow delivery pass", BGW_MAXLEN);
+	else if (sh->watch)
 		snprintf(worker.bgw_name, BGW_MAXLEN, "ciflow watch of %s",
 				 SharedString(sh, STR_CONNECTION));
 	else
 		snprintf(worker.bgw_name, BGW_MAXLEN, "ciflow sync of %s from %s",
 				 SharedString(sh, STR_ENTITY), SharedString(sh, STR_CONNECTION));
-	strlcpy(worker.bgw_type, sh->watch ? "ciflow watch" : "ciflow sync", BGW_MAXLEN);
+	strlcpy(worker.bgw_type, sh->deliver ? "ciflow delivery" :
+			sh->watch ? "ciflow watch" : "ciflow sync", BGW_MAXLEN);
 	worker.bgw_main_arg = UInt32GetDatum(dsm_segment_handle(seg));
 	worker.bgw_notify_pid = MyProcPid;
 	return RegisterDynamicBackgroundWorker(&worker, handle);
@@ -477,19 +515,26 @@ CiflowStartJobWorker(const CiflowJob *job, BackgroundWorkerHandle **handle,
 	SyncShared *sh;
 
 	memset(strings, 0, sizeof(strings));
-	strings[STR_CONNECTION] = job->connection;
-	strings[STR_ENTITY] = job->watch ? NULL : job->entity;
-	strings[STR_SCHEMA] = job->watch ? NULL : job->schema;
-	strings[STR_TABLE] = job->watch ? NULL : job->table;
-	strings[STR_MODE] = job->mode;
-	strings[STR_PUBLISH] = "diff";
+	if (job != NULL)
+	{
+		strings[STR_CONNECTION] = job->connection;
+		strings[STR_ENTITY] = job->watch ? NULL : job->entity;
+		strings[STR_SCHEMA] = job->watch ? NULL : job->schema;
+		strings[STR_TABLE] = job->watch ? NULL : job->table;
+		strings[STR_MODE] = job->mode;
+		strings[STR_PUBLISH] = "diff";
+	}
 	seg = CreateShared(strings, 0);
 	sh = dsm_segment_address(seg);
 	sh->login_userid = InvalidOid;
-	sh->userid = job->owner;
-	sh->job_id = job->id;
-	sh->event_id = job->event_id;
-	sh->watch = job->watch;
+	sh->deliver = job == NULL;
+	if (job != NULL)
+	{
+		sh->userid = job->owner;
+		sh->job_id = job->id;
+		sh->event_id = job->event_id;
+		sh->watch = job->watch;
+	}
 	if (!StartWorker(seg, handle))
 	{
 		dsm_detach(seg);

@@ -16,7 +16,8 @@
 
 /*
  * Starts a worker for one run of job (a sync or a monitoring pass, as the
- * job's owner), notifying this process when it starts and stops.  Returns
+ * job's owner), or for a delivery pass when job is NULL, notifying this
+ * process when it starts and stops.  Returns
  * the segment, mapped until the caller detaches it, or NULL (and *error)
  * when no worker slot is free.
  */
