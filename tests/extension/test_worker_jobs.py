@@ -19,7 +19,8 @@ from harness import wait_for
 from extension.cihelpers import dict_rows, raises_sqlstate
 from extension.eventhelpers import Listener, finish_job, new_job, set_datasource
 from extension.workerhelpers import (job, make_emu_connection, preloaded_cluster, runs,
-                                     stable, status, wait_job, wait_up)
+                                     stable, status, wait_job, wait_new_launcher,
+                                     wait_up)
 
 SLOW_MATCH = {"method": "GET", "path": "/data/Customer$", "query": r"(\$|%24)skip=200(&|$)"}
 
@@ -281,9 +282,7 @@ def test_killed_sync_worker_run_is_marked_and_work_resumes(w, emulator):
     emulator.clear_faults()
     os.kill(pid, signal.SIGKILL)
     time.sleep(1)
-    wait_up(w)
-    wait_for(lambda: status(w)["state"] == "running" and status(w)["pid"] != old_launcher,
-             timeout=30, what="a new launcher")
+    wait_new_launcher(w, old_launcher)
     run = [r for r in runs(w) if r["id"] == run_id][0]
     assert run["error"] == "interrupted by a server crash or restart"
     # The job was due: it runs again at once, and fills the table.
@@ -355,9 +354,7 @@ def test_a_killed_session_sync_is_cleaned_up_by_the_launcher(w, emulator):
     os.kill(pid, signal.SIGKILL)
     thread.join(30)
     assert errors
-    wait_up(w)
-    wait_for(lambda: status(w)["state"] == "running" and status(w)["pid"] != old_launcher,
-             timeout=30, what="a new launcher")
+    wait_new_launcher(w, old_launcher)
     assert [(r["status"], r["error"]) for r in runs(w)] == [
         ("failed", "interrupted by a server crash or restart")]
     assert staged_tables(w) == []

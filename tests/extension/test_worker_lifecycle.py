@@ -14,7 +14,7 @@ from harness import wait_for
 from extension.cihelpers import dict_rows
 from extension.eventhelpers import Listener, finish_job, new_job
 from extension.workerhelpers import (job, make_emu_connection, preloaded_cluster, runs,
-                                     status, wait_job, wait_up)
+                                     status, wait_job, wait_new_launcher, wait_up)
 
 
 @pytest.fixture
@@ -94,9 +94,7 @@ def test_killed_launcher_misses_no_event_and_repeats_none(cluster_factory, emula
     old = status(pg)["pid"]
     os.kill(old, signal.SIGKILL)
     time.sleep(1)
-    wait_up(pg)
-    wait_for(lambda: status(pg)["state"] == "running" and status(pg)["pid"] != old,
-             timeout=30, what="a new launcher")
+    wait_new_launcher(pg, old)
     listener = Listener(db, channels=("ciflow_full_refresh_completed",))
     # A subscriber that was away catches up from the table.
     assert pg.sql("SELECT id FROM ciflow.events WHERE kind = 'full_refresh_completed'"

@@ -74,3 +74,17 @@ def stable(fn, seconds):
         assert fn() == first
         time.sleep(0.2)
     return first
+
+
+def wait_new_launcher(pg, old_pid, timeout=60):
+    """After a crash: waits for the server and a launcher other than
+    old_pid that is running (connection errors while it recovers are
+    retried)."""
+    def back():
+        try:
+            st = status(pg)
+        except Exception:  # noqa: BLE001 - still recovering
+            return False
+        return st["state"] == "running" and st["pid"] not in (None, old_pid)
+    wait_for(back, timeout=timeout, what="a new launcher")
+    wait_up(pg)
