@@ -159,6 +159,8 @@ SendErrorToCaller(ErrorData *edata)
 	PG_END_TRY();
 }
 
+static ErrorData *LogCaughtError(const char *what);
+
 /* Runs step in a transaction of its own, with a snapshot. */
 static void
 InTransaction(void (*step) (SyncShared *sh, void *arg), SyncShared *sh, void *arg)
@@ -204,6 +206,7 @@ RunJob(SyncShared *sh, CiflowSyncArgs *args)
 {
 	bool		found_and_owner[2] = {false, false};
 	char	   *volatile error = NULL;
+	char	   *what = psprintf("ciflow job " INT64_FORMAT, sh->job_id);
 
 	pgstat_report_activity(STATE_RUNNING,
 						   sh->watch ? psprintf("ciflow job " INT64_FORMAT ": watch of %s",
@@ -232,17 +235,10 @@ RunJob(SyncShared *sh, CiflowSyncArgs *args)
 		}
 		PG_CATCH();
 		{
-			ErrorData  *edata;
+			ErrorData  *edata = LogCaughtError(what);
 
-			MemoryContextSwitchTo(TopMemoryContext);
-			edata = CopyErrorData();
-			FlushErrorState();
-			AbortCurrentTransaction();
 			error = edata->detail ? psprintf("%s: %s", edata->message, edata->detail) :
 				pstrdup(edata->message);
-			ereport(LOG,
-					(errmsg("ciflow job " INT64_FORMAT " failed: %s", sh->job_id, edata->message),
-					 edata->detail ? errdetail_internal("%s", edata->detail) : 0));
 		}
 		PG_END_TRY();
 		SetUserIdAndSecContext(save_userid, save_sec_context);
@@ -251,6 +247,25 @@ RunJob(SyncShared *sh, CiflowSyncArgs *args)
 }
 
 static void RunForCaller(SyncShared *sh, CiflowSyncArgs *args);
+
+/*
+ * In a PG_CATCH of a run no caller waits for: the error, copied, cleared
+ * and logged as what's failure, its transaction rolled back.
+ */
+static ErrorData *
+LogCaughtError(const char *what)
+{
+	ErrorData  *edata;
+
+	MemoryContextSwitchTo(TopMemoryContext);
+	edata = CopyErrorData();
+	FlushErrorState();
+	AbortCurrentTransaction();
+	ereport(LOG,
+			(errmsg("%s failed: %s", what, edata->message),
+			 edata->detail ? errdetail_internal("%s", edata->detail) : 0));
+	return edata;
+}
 
 /*
  * A delivery pass started by the launcher: it commits its own short
@@ -269,15 +284,7 @@ RunDeliveryPass(void)
 	}
 	PG_CATCH();
 	{
-		ErrorData  *edata;
-
-		MemoryContextSwitchTo(TopMemoryContext);
-		edata = CopyErrorData();
-		FlushErrorState();
-		AbortCurrentTransaction();
-		ereport(LOG,
-				(errmsg("ciflow delivery pass failed: %s", edata->message),
-				 edata->detail ? errdetail_internal("%s", edata->detail) : 0));
+		(void) LogCaughtError("ciflow delivery pass");
 	}
 	PG_END_TRY();
 }
