@@ -385,7 +385,19 @@ def test_crashes_before_and_during_a_pass_lose_nothing(private_ciflow, receiver,
     ev = fail_refresh(pg, emulator)
 
     def crash(pid):
+        # A bystander session ends only once the postmaster has begun the
+        # crash restart: until then "up" could still see the old server.
+        bystander = pg.connect()
         os.kill(pid, signal.SIGKILL)
+
+        def bystander_gone():
+            try:
+                with bystander.cursor() as cur:
+                    cur.execute("SELECT 1")
+                return None
+            except Exception:
+                return True
+        wait_for(bystander_gone, timeout=60, what="the crash restart to begin")
 
         def up():
             try:
