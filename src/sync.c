@@ -544,6 +544,13 @@ Publish(CiflowTarget *target, const CiflowShape *shape, const SyncPlan *plan,
 				 errhint("The data changed while it was paged through with $skip.")));
 }
 
+char *
+CiflowSyncFailMessage(const char *connection, const char *entity)
+{
+	return psprintf("could not sync entity \"%s\" from connection \"%s\"",
+					entity ? entity : "(null)", connection ? connection : "(null)");
+}
+
 void
 CiflowSyncExecute(const CiflowSyncArgs *args, CiflowRunState *run)
 {
@@ -556,7 +563,7 @@ CiflowSyncExecute(const CiflowSyncArgs *args, CiflowRunState *run)
 	volatile bool changed = false;
 
 	MemoryContextSwitchTo(run_cxt);
-	failmsg = SyncFailMessage(args->connection, args->entity);
+	failmsg = CiflowSyncFailMessage(args->connection, args->entity);
 	memset(run, 0, sizeof(*run));
 	run->rows_expected = -1;
 	/* Not a local: the error path reads what the run filled in. */

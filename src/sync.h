@@ -24,8 +24,8 @@ typedef struct CiflowSyncArgs
 	bool		adopt;			/* may fill a non-empty table no run filled */
 } CiflowSyncArgs;
 
-/* The primary message of every error of a sync (syncworker.c). */
-extern char *SyncFailMessage(const char *connection, const char *entity);
+/* The primary message of every error of a sync, wherever it is raised. */
+extern char *CiflowSyncFailMessage(const char *connection, const char *entity);
 
 /*
  * Runs the sync.  Must be called outside a transaction.  On success fills

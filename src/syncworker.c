@@ -391,12 +391,6 @@ RunForCaller(SyncShared *sh, CiflowSyncArgs *args)
 	PG_END_TRY();
 }
 
-char *
-SyncFailMessage(const char *connection, const char *entity)
-{
-	return psprintf("could not sync entity \"%s\" from connection \"%s\"",
-					entity ? entity : "(null)", connection ? connection : "(null)");
-}
 
 static dsm_segment *
 CreateShared(const char *strings[NUM_SYNC_STRINGS], Size queue_size)
@@ -580,7 +574,7 @@ RunWorker(dsm_segment *seg, const char *connection, const char *entity)
 	if (!StartWorker(seg, &handle))
 		ereport(ERROR,
 				(errcode(ERRCODE_INSUFFICIENT_RESOURCES),
-				 errmsg("%s", SyncFailMessage(connection, entity)),
+				 errmsg("%s", CiflowSyncFailMessage(connection, entity)),
 				 errdetail("No background worker slot is free for the sync."),
 				 errhint("Raise max_worker_processes, or run fewer syncs at once.")));
 	/* With the handle, a worker that never starts reads as detached. */
@@ -770,7 +764,7 @@ ciflow_sync(PG_FUNCTION_ARGS)
 	}
 	PG_CATCH();
 	{
-		CiflowRethrowUnder(cxt, SyncFailMessage(strings[STR_CONNECTION],
+		CiflowRethrowUnder(cxt, CiflowSyncFailMessage(strings[STR_CONNECTION],
 												strings[STR_ENTITY]));
 	}
 	PG_END_TRY();
@@ -788,13 +782,13 @@ ciflow_sync(PG_FUNCTION_ARGS)
 	if (!sh->finished)
 		ereport(ERROR,
 				(errcode(ERRCODE_INTERNAL_ERROR),
-				 errmsg("%s", SyncFailMessage(strings[STR_CONNECTION], strings[STR_ENTITY])),
+				 errmsg("%s", CiflowSyncFailMessage(strings[STR_CONNECTION], strings[STR_ENTITY])),
 				 errdetail("The sync worker ended before it finished."),
 				 errhint("See ciflow.sync_runs and the server log.")));
 	if (sh->failed)
 		ereport(ERROR,
 				(errcode(ERRCODE_INTERNAL_ERROR),
-				 errmsg("%s", SyncFailMessage(strings[STR_CONNECTION], strings[STR_ENTITY])),
+				 errmsg("%s", CiflowSyncFailMessage(strings[STR_CONNECTION], strings[STR_ENTITY])),
 				 errdetail("The sync worker failed without saying why."),
 				 errhint("See ciflow.sync_runs and the server log.")));
 
