@@ -323,6 +323,25 @@ WipeValues(ConnValues *cv)
 	}
 }
 
+/* Adds a stored connection's secrets to cv, in the current memory context. */
+static void
+LoadSecrets(const char *name, ConnValues *cv)
+{
+	TupleDesc	desc;
+	List	   *rows = CiflowCatalogLookup("connection_secrets", "connection", name, &desc);
+	HeapTuple	tup;
+
+	if (rows == NIL)
+		return;
+	tup = linitial(rows);
+	cv->v[ARG_CLIENT_SECRET] = CiflowCatalogText(tup, desc, "client_secret");
+	cv->v[ARG_SUBSCRIPTION_KEY] = CiflowCatalogText(tup, desc, "subscription_key");
+	cv->v[ARG_BEARER_TOKEN] = CiflowCatalogText(tup, desc, "bearer_token");
+	/* The copy held the secrets too. */
+	explicit_bzero(tup->t_data, tup->t_len);
+	heap_freetuple(tup);
+}
+
 /*
  * Reads a stored connection as text; false when there is none.  Secrets
  * are read only when asked for.
@@ -358,19 +377,7 @@ LoadValues(const char *name, ConnValues *cv, bool with_secrets)
 	heap_freetuple(tup);
 
 	if (with_secrets)
-	{
-		rows = CiflowCatalogLookup("connection_secrets", "connection", name, &desc);
-		if (rows != NIL)
-		{
-			tup = linitial(rows);
-			cv->v[ARG_CLIENT_SECRET] = CiflowCatalogText(tup, desc, "client_secret");
-			cv->v[ARG_SUBSCRIPTION_KEY] = CiflowCatalogText(tup, desc, "subscription_key");
-			cv->v[ARG_BEARER_TOKEN] = CiflowCatalogText(tup, desc, "bearer_token");
-			/* The copy held the secrets too. */
-			explicit_bzero(tup->t_data, tup->t_len);
-			heap_freetuple(tup);
-		}
-	}
+		LoadSecrets(name, cv);
 	return true;
 }
 
@@ -761,25 +768,25 @@ CiflowGetConnection(const char *name)
 				 errhint("Its owner or a superuser can grant it: SELECT ciflow.grant_connection('%s', '%s');",
 						 name, GetUserNameFromId(GetUserId(), false))));
 
-	/* Read straight into the wiping context: no other copy is left. */
+	/* Secrets straight into the wiping context: no other copy is left. */
 	conn = NewConnection(CurrentMemoryContext);
 	old = MemoryContextSwitchTo(conn->cxt);
-	RequireConnection(LoadValues(name, &cv, true), name);
-	conn->name = cv.v[ARG_NAME];
-	conn->base_url = cv.v[ARG_BASE_URL];
-	conn->instance_id = cv.v[ARG_INSTANCE_ID];
+	LoadSecrets(name, &cv);
+	conn->name = pstrdup(cv.v[ARG_NAME]);
+	conn->base_url = pstrdup(cv.v[ARG_BASE_URL]);
+	conn->instance_id = CopyOrNull(cv.v[ARG_INSTANCE_ID]);
 	conn->flavor = (CiflowFlavor) FlavorFromName(cv.v[ARG_FLAVOR]);
-	conn->token_url = cv.v[ARG_TOKEN_URL];
-	conn->client_id = cv.v[ARG_CLIENT_ID];
+	conn->token_url = CopyOrNull(cv.v[ARG_TOKEN_URL]);
+	conn->client_id = CopyOrNull(cv.v[ARG_CLIENT_ID]);
 	conn->client_secret = cv.v[ARG_CLIENT_SECRET];
-	conn->scope = cv.v[ARG_SCOPE];
+	conn->scope = CopyOrNull(cv.v[ARG_SCOPE]);
 	conn->subscription_key = cv.v[ARG_SUBSCRIPTION_KEY];
 	conn->bearer_token = cv.v[ARG_BEARER_TOKEN];
 	conn->max_calls = strcmp(cv.v[ARG_MAX_CALLS], NO_CALL_LIMIT) == 0 ? 0 :
 		atoi(cv.v[ARG_MAX_CALLS]);
 	conn->per_interval_ms = IntervalMs(cv.v[ARG_PER_INTERVAL]);
 	conn->page_size = atoi(cv.v[ARG_PAGE_SIZE]);
-	conn->ca_file = cv.v[ARG_CA_FILE];
+	conn->ca_file = CopyOrNull(cv.v[ARG_CA_FILE]);
 	conn->owner = cv.owner;
 	if (!CiflowParseUrl(conn->base_url, &conn->origin))
 		elog(ERROR, "connection \"%s\" has an invalid base_url", name);

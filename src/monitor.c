@@ -330,8 +330,7 @@ FetchWithFallback(const CiflowConnection *conn, const char *path, const char *fa
 
 	memset(&req, 0, sizeof(req));
 	req.conn = conn;
-	req.url = psprintf("%s/instances/%s/%s", conn->base_url,
-					   CiflowPathSegment(conn->instance_id, "instance_id"), path);
+	req.url = CiflowInstanceUrl(conn, path);
 	req.api_call = true;
 	req.failmsg = failmsg;
 	req.return_refusal = fallback != NULL;
@@ -339,8 +338,7 @@ FetchWithFallback(const CiflowConnection *conn, const char *path, const char *fa
 	if (resp.status == 404)
 	{
 		path = fallback;
-		req.url = psprintf("%s/instances/%s/%s", conn->base_url,
-						   CiflowPathSegment(conn->instance_id, "instance_id"), path);
+		req.url = CiflowInstanceUrl(conn, path);
 		req.return_refusal = false;
 		resp = CiflowRequestPerform(&req);
 	}

@@ -34,12 +34,16 @@ static char *
 ODataRoot(const CiflowConnection *conn)
 {
 	if (conn->flavor == CIFLOW_FLAVOR_CUSTOMER_INSIGHTS)
-	{
-		RequireInstance(conn);
-		return psprintf("%s/instances/%s/data", conn->base_url,
-						CiflowPathSegment(conn->instance_id, "instance_id"));
-	}
+		return CiflowInstanceUrl(conn, "data");
 	return pstrdup(conn->base_url);
+}
+
+char *
+CiflowInstanceUrl(const CiflowConnection *conn, const char *path)
+{
+	RequireInstance(conn);
+	return psprintf("%s/instances/%s/%s", conn->base_url,
+					CiflowPathSegment(conn->instance_id, "instance_id"), path);
 }
 
 /* Every name in a path is one percent-encoded segment, never "..". */
@@ -58,13 +62,10 @@ CiflowEntitiesUrl(const CiflowConnection *conn, const char *entity)
 				 errmsg("connection \"%s\" has no entity metadata", conn->name),
 				 errdetail("Entity metadata is read from Customer Insights; flavor \"%s\" has none ciflow can read yet.",
 						   conn->flavor == CIFLOW_FLAVOR_DATAVERSE ? "dataverse" : "odata")));
-	RequireInstance(conn);
 	if (entity == NULL)
-		return psprintf("%s/instances/%s/manage/entities", conn->base_url,
-						CiflowPathSegment(conn->instance_id, "instance_id"));
-	return psprintf("%s/instances/%s/manage/entities/%s", conn->base_url,
-					CiflowPathSegment(conn->instance_id, "instance_id"),
-					CiflowPathSegment(entity, "entity"));
+		return CiflowInstanceUrl(conn, "manage/entities");
+	return CiflowInstanceUrl(conn, psprintf("manage/entities/%s",
+											CiflowPathSegment(entity, "entity")));
 }
 
 /* The service document is the root itself, with its trailing slash. */

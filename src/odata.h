@@ -15,6 +15,12 @@
 #include "connection.h"
 
 /* The rows of an entity: E4, or the dataverse/odata entity set. */
+/*
+ * base_url/instances/<instance_id>/<path> of a customer_insights connection;
+ * path is ciflow's own (names in it already encoded segments).
+ */
+extern char *CiflowInstanceUrl(const CiflowConnection *conn, const char *path);
+
 extern char *CiflowDataUrl(const CiflowConnection *conn, const char *entity);
 
 /* E2: all entities (entity NULL) or one entity's metadata. */
