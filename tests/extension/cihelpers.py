@@ -12,7 +12,9 @@ import datetime as dt
 import decimal
 import hashlib
 import json
+import os
 import re
+import signal
 import uuid
 
 from contextlib import contextmanager
@@ -20,7 +22,7 @@ from contextlib import contextmanager
 import psycopg2
 import pytest
 
-from harness import PgError
+from harness import PgError, wait_for
 
 # Section 3 of the SQL contract; every other Edm type becomes jsonb.
 EDM_TO_PG = {
@@ -434,3 +436,34 @@ def session(db, settings):
         yield conn
     finally:
         conn.close()
+
+
+# ---------------------------------------------------------------------------
+# Crashes
+
+def wait_up(pg, timeout=60):
+    """Until the server accepts connections again (after a crash restart)."""
+    def up():
+        try:
+            return pg.sql("SELECT 1") == [(1,)]
+        except Exception:  # noqa: BLE001 - the server is restarting
+            return False
+    wait_for(up, timeout=timeout, what="the server to accept connections")
+
+
+def sigkill_and_recover(pg, pid, timeout=60):
+    """SIGKILL a backend and wait for the crash restart to end.  A bystander
+    session ends only once the postmaster has begun the restart: until then
+    the old server could still answer, so it is waited for first."""
+    bystander = pg.connect()
+    os.kill(pid, signal.SIGKILL)
+
+    def bystander_gone():
+        try:
+            with bystander.cursor() as cur:
+                cur.execute("SELECT 1")
+            return False
+        except Exception:  # noqa: BLE001 - ended by the crash restart
+            return True
+    wait_for(bystander_gone, timeout=timeout, what="the crash restart to begin")
+    wait_up(pg, timeout)

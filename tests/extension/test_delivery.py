@@ -8,14 +8,12 @@ import datetime
 import hashlib
 import hmac
 import json
-import os
-import signal
 import threading
 import time
 
 import pytest
 
-from extension.cihelpers import dict_rows, raises_sqlstate
+from extension.cihelpers import dict_rows, raises_sqlstate, sigkill_and_recover
 from harness import wait_for
 from extension.eventhelpers import RETAIL_POS, poll, set_datasource
 from extension.eventhelpers import clean  # noqa: F401 - fixture
@@ -384,30 +382,8 @@ def test_crashes_before_and_during_a_pass_lose_nothing(private_ciflow, receiver,
     pg.sql("SELECT ciflow.add_sink('crash', %s)", (receiver.url("/crash"),))
     ev = fail_refresh(pg, emulator)
 
-    def crash(pid):
-        # A bystander session ends only once the postmaster has begun the
-        # crash restart: until then "up" could still see the old server.
-        bystander = pg.connect()
-        os.kill(pid, signal.SIGKILL)
-
-        def bystander_gone():
-            try:
-                with bystander.cursor() as cur:
-                    cur.execute("SELECT 1")
-                return None
-            except Exception:
-                return True
-        wait_for(bystander_gone, timeout=60, what="the crash restart to begin")
-
-        def up():
-            try:
-                return pg.sql("SELECT 1")
-            except Exception:
-                return None
-        wait_for(up, timeout=60, what="crash recovery")
-
     victim = pg.connect()
-    crash(victim.get_backend_pid())
+    sigkill_and_recover(pg, victim.get_backend_pid())
     assert [(r["event_id"], r["status"], r["attempts"]) for r in deliveries(pg)] == \
         [(ev["id"], "pending", 0)]
 
@@ -415,7 +391,7 @@ def test_crashes_before_and_during_a_pass_lose_nothing(private_ciflow, receiver,
     t = threading.Thread(target=lambda: _call_quietly(conn), daemon=True)
     t.start()
     wait_for(lambda: receiver.received("/crash"), timeout=10, what="the request")
-    crash(conn.get_backend_pid())
+    sigkill_and_recover(pg, conn.get_backend_pid())
     t.join(10)
     assert [(r["status"], r["attempts"]) for r in deliveries(pg)] == [("pending", 1)]
     pg.sql("UPDATE ciflow.deliveries SET next_attempt_at = now()")   # end the lease

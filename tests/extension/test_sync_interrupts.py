@@ -15,7 +15,7 @@ import threading
 import time
 
 from harness import wait_for
-from extension.cihelpers import raises_sqlstate, session, sync, table_md5
+from extension.cihelpers import raises_sqlstate, session, sync, table_md5, wait_up
 
 # Page 3 (the one asking $skip=200) answers only after this long.
 SLOW_PAGE = {"delay_ms": 8000}
@@ -74,12 +74,7 @@ def test_killed_worker_is_cleaned_up_by_the_next_sync(private_ciflow, emulator):
     thread.join(30)
     assert errors, "the caller should lose its session in crash recovery"
 
-    def up():
-        try:
-            return pg.sql("SELECT 1")
-        except Exception:
-            return None
-    wait_for(up, timeout=60, what="crash recovery")
+    wait_up(pg)
 
     # The killed run is still 'running', its staging heap still there.
     assert pg.sql("SELECT status FROM ciflow.sync_runs ORDER BY id") == [("succeeded",),

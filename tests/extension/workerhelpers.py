@@ -4,7 +4,8 @@ preloaded, and waits on ciflow.jobs and the launcher."""
 import time
 
 from harness import PgCluster, wait_for
-from extension.cihelpers import connection_args, create_connection_sql, dict_rows
+from extension.cihelpers import (connection_args, create_connection_sql, dict_rows,  # noqa: F401
+                                 wait_up)
 
 # Job runs take the launcher's settings (the server's configuration), not a
 # database's: retries are kept short here.
@@ -21,17 +22,6 @@ def preloaded_cluster(**settings):
     pg = PgCluster(preload=True, settings=dict(WORKER_SETTINGS, **settings))
     pg.start()
     return pg
-
-
-def up(pg):
-    try:
-        return pg.sql("SELECT 1") == [(1,)]
-    except Exception:  # noqa: BLE001 - the server is restarting
-        return False
-
-
-def wait_up(pg, timeout=60):
-    wait_for(lambda: up(pg), timeout=timeout, what="the server to accept connections")
 
 
 def make_emu_connection(pg, emulator, name="emu", dbname="postgres"):
