@@ -15,6 +15,7 @@ OBJS = \
 	src/servicemeta.o \
 	src/actions.o \
 	src/paging.o \
+	src/pageparse.o \
 	src/convert.o \
 	src/load.o \
 	src/shape.o \

@@ -26,6 +26,7 @@
 #include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "utils/builtins.h"
+#include "utils/date.h"
 #include "utils/datetime.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
@@ -34,6 +35,7 @@
 #include "ciflow.h"
 #include "convert.h"
 #include "edm.h"
+#include "pageparse.h"
 
 CIFLOW_SQL_FUNCTION(ciflow_edm_value);
 
@@ -60,16 +62,22 @@ CiflowJsonUsepalloc(void)
 	json_set_alloc_funcs(JsonPalloc, JsonPfree);
 }
 
-void
-CiflowConverterInit(CiflowConverter *conv, Oid typid, int32 typmod,
-					MemoryContext cxt)
+/*
+ * A string in the server encoding.  Tokens are UTF-8 without NULs (the
+ * page parser refuses \u0000, the jansson path checks first), so a UTF-8
+ * database takes them as they are: per value, on the loading hot path.
+ */
+static char *
+ToServer(const char *s, size_t *len)
 {
-	Oid			infunc;
+	char	   *conv;
 
-	conv->typid = typid;
-	conv->typmod = typmod;
-	getTypeInputInfo(typid, &infunc, &conv->ioparam);
-	fmgr_info_cxt(infunc, &conv->input, cxt);
+	if (GetDatabaseEncoding() == PG_UTF8)
+		return (char *) s;
+	conv = pg_any_to_server(s, (int) *len, PG_UTF8);
+	if (conv != s)
+		*len = strlen(conv);
+	return conv;
 }
 
 static void
@@ -82,31 +90,6 @@ RefuseNul(const char *s, size_t len)
 				 errdetail("PostgreSQL text cannot hold \\u0000.")));
 }
 
-/*
- * UTF-8 text in the server encoding.  jansson has already validated it, so
- * a UTF-8 database takes it as it is (per value, on the loading hot path).
- */
-static char *
-ToServer(const char *s, size_t *len)
-{
-	char	   *conv;
-
-	RefuseNul(s, *len);
-	if (GetDatabaseEncoding() == PG_UTF8)
-		return (char *) s;
-	conv = pg_any_to_server(s, (int) *len, PG_UTF8);
-	if (conv != s)
-		*len = strlen(conv);
-	return conv;
-}
-
-static char *
-ServerString(json_t *value, size_t *len)
-{
-	*len = json_string_length(value);
-	return ToServer(json_string_value(value), len);
-}
-
 static char *
 RealText(double d)
 {
@@ -114,29 +97,6 @@ RealText(double d)
 
 	double_to_shortest_decimal_buf(d, buf);
 	return buf;
-}
-
-/* The text a value would have as a scalar: what the input functions read. */
-static char *
-ScalarText(json_t *value)
-{
-	size_t		len;
-
-	switch (json_typeof(value))
-	{
-		case JSON_STRING:
-			return ServerString(value, &len);
-		case JSON_INTEGER:
-			return psprintf("%lld", (long long) json_integer_value(value));
-		case JSON_REAL:
-			return RealText(json_real_value(value));
-		case JSON_TRUE:
-			return pstrdup("true");
-		case JSON_FALSE:
-			return pstrdup("false");
-		default:
-			return JsonbToCString(NULL, &CiflowJsonToJsonb(value)->root, 0);
-	}
 }
 
 /*
@@ -166,6 +126,186 @@ BadValue(const char *what, const char *s)
 	ereport(ERROR,
 			(errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
 			 errmsg("invalid %s value: \"%.40s%s\"", what, s, strlen(s) > 40 ? "..." : "")));
+}
+
+/* The type's input function: the path of every value without a direct one. */
+static Datum
+Input(const CiflowConverter *conv, char *token, JsonTokenType type)
+{
+	if (type == JSON_TOKEN_STRING)
+	{
+		size_t		len = strlen(token);
+
+		token = ToServer(token, &len);
+	}
+	return InputFunctionCall((FmgrInfo *) &conv->input, token,
+							 conv->ioparam, conv->typmod);
+}
+
+static Datum
+ConvertText(const CiflowConverter *conv, char *token, JsonTokenType type)
+{
+	size_t		len = strlen(token);
+	char	   *s = type == JSON_TOKEN_STRING ? ToServer(token, &len) : token;
+
+	(void) conv;
+	return PointerGetDatum(cstring_to_text_with_len(s, (int) len));
+}
+
+/* Int64 may come quoted (IEEE754Compatible); all integers read alike. */
+static Datum
+ConvertInt2(const CiflowConverter *conv, char *token, JsonTokenType type)
+{
+	if (type == JSON_TOKEN_NUMBER || type == JSON_TOKEN_STRING)
+		return Int16GetDatum(pg_strtoint16(token));
+	return Input(conv, token, type);
+}
+
+static Datum
+ConvertInt4(const CiflowConverter *conv, char *token, JsonTokenType type)
+{
+	if (type == JSON_TOKEN_NUMBER || type == JSON_TOKEN_STRING)
+		return Int32GetDatum(pg_strtoint32(token));
+	return Input(conv, token, type);
+}
+
+static Datum
+ConvertInt8(const CiflowConverter *conv, char *token, JsonTokenType type)
+{
+	if (type == JSON_TOKEN_NUMBER || type == JSON_TOKEN_STRING)
+		return Int64GetDatum(pg_strtoint64(token));
+	return Input(conv, token, type);
+}
+
+static Datum
+ConvertBool(const CiflowConverter *conv, char *token, JsonTokenType type)
+{
+	if (type == JSON_TOKEN_TRUE || type == JSON_TOKEN_FALSE)
+		return BoolGetDatum(type == JSON_TOKEN_TRUE);
+	return Input(conv, token, type);
+}
+
+/* "dd" at s, as a number; false unless both are digits. */
+static bool
+Digits(const char *s, int n, int *value)
+{
+	int			i;
+
+	*value = 0;
+	for (i = 0; i < n; i++)
+	{
+		if (s[i] < '0' || s[i] > '9')
+			return false;
+		*value = *value * 10 + (s[i] - '0');
+	}
+	return true;
+}
+
+/* "YYYY-MM-DD" at s, a real day; its Julian day number in *julian. */
+static bool
+ReadDay(const char *s, int *julian)
+{
+	int			y,
+				m,
+				d;
+
+	if (!Digits(s, 4, &y) || s[4] != '-' || !Digits(s + 5, 2, &m) || s[7] != '-' ||
+		!Digits(s + 8, 2, &d))
+		return false;
+	if (y < 1 || m < 1 || m > 12 || d < 1 || d > day_tab[isleap(y) ? 1 : 0][m - 1])
+		return false;
+	*julian = date2j(y, m, d);
+	return true;
+}
+
+/*
+ * The services' one timestamp form, "YYYY-MM-DDTHH:MM:SS[.f...](Z|+HH:MM)",
+ * read without the general date parser (a fraction beyond microseconds is
+ * truncated, as TruncateFraction does).  Anything else returns false and
+ * takes the input function's path, which judges it.
+ */
+static bool
+ReadTimestamptz(const char *s, TimestampTz *result)
+{
+	int			julian,
+				h,
+				mi,
+				sec,
+				digits = 0;
+	int64		usec = 0;
+	int			offset = 0;
+	const char *p;
+
+	if (!ReadDay(s, &julian) || (s[10] != 'T' && s[10] != 't') ||
+		!Digits(s + 11, 2, &h) || s[13] != ':' || !Digits(s + 14, 2, &mi) ||
+		s[16] != ':' || !Digits(s + 17, 2, &sec) || h > 23 || mi > 59 || sec > 59)
+		return false;
+	p = s + 19;
+	if (*p == '.')
+	{
+		p++;
+		if (*p < '0' || *p > '9')
+			return false;
+		for (; *p >= '0' && *p <= '9'; p++)
+		{
+			if (digits++ < 6)
+				usec = usec * 10 + (*p - '0');
+		}
+		for (; digits < 6; digits++)
+			usec *= 10;
+	}
+	if (*p == 'Z' || *p == 'z')
+		p++;
+	else if (*p == '+' || *p == '-')
+	{
+		int			oh,
+					om;
+
+		if (!Digits(p + 1, 2, &oh) || p[3] != ':' || !Digits(p + 4, 2, &om) ||
+			oh > 15 || om > 59)
+			return false;
+		offset = (oh * MINS_PER_HOUR + om) * SECS_PER_MINUTE;
+		if (*p == '-')
+			offset = -offset;
+		p += 6;
+	}
+	else
+		return false;
+	if (*p != '\0')
+		return false;
+	*result = ((int64) (julian - POSTGRES_EPOCH_JDATE) * SECS_PER_DAY +
+			   (h * MINS_PER_HOUR + mi) * SECS_PER_MINUTE + sec - offset) * USECS_PER_SEC + usec;
+	return true;
+}
+
+static Datum
+ConvertTimestamptz(const CiflowConverter *conv, char *token, JsonTokenType type)
+{
+	TimestampTz ts;
+
+	if (type == JSON_TOKEN_STRING && ReadTimestamptz(token, &ts))
+		return TimestampTzGetDatum(ts);
+	if (type == JSON_TOKEN_STRING)
+		return Input(conv, TruncateFraction(pstrdup(token)), type);
+	return Input(conv, token, type);
+}
+
+static Datum
+ConvertTime(const CiflowConverter *conv, char *token, JsonTokenType type)
+{
+	if (type == JSON_TOKEN_STRING)
+		return Input(conv, TruncateFraction(pstrdup(token)), type);
+	return Input(conv, token, type);
+}
+
+static Datum
+ConvertDate(const CiflowConverter *conv, char *token, JsonTokenType type)
+{
+	int			julian;
+
+	if (type == JSON_TOKEN_STRING && strlen(token) == 10 && ReadDay(token, &julian))
+		return DateADTGetDatum(julian - POSTGRES_EPOCH_JDATE);
+	return Input(conv, token, type);
 }
 
 /*
@@ -217,137 +357,217 @@ DecodeBinary(const char *s)
 	return PointerGetDatum(result);
 }
 
+static Datum
+ConvertBytea(const CiflowConverter *conv, char *token, JsonTokenType type)
+{
+	if (type == JSON_TOKEN_STRING)
+		return DecodeBinary(token);
+	return Input(conv, token, type);
+}
+
 /*
  * Edm.Duration: PostgreSQL reads ISO 8601 durations ("P1DT2H3.5S") but not
  * a leading minus, which OData allows ("-PT5M"): read the rest, negate.
  */
 static Datum
-DecodeDuration(const CiflowConverter *conv, const char *s)
+ConvertInterval(const CiflowConverter *conv, char *token, JsonTokenType type)
 {
-	Datum		d;
-
-	if (s[0] != '-' && s[0] != 'P')
-		BadValue("Edm.Duration (ISO 8601, e.g. P1DT2H)", s);
-	if (s[0] != '-')
-		return InputFunctionCall((FmgrInfo *) &conv->input, (char *) s,
-								 conv->ioparam, conv->typmod);
-	if (s[1] != 'P')
-		BadValue("Edm.Duration (ISO 8601, e.g. -PT5M)", s);
-	d = InputFunctionCall((FmgrInfo *) &conv->input, (char *) s + 1,
-						  conv->ioparam, conv->typmod);
-	return DirectFunctionCall1(interval_um, d);
+	if (type != JSON_TOKEN_STRING)
+		return Input(conv, token, type);
+	if (token[0] != '-' && token[0] != 'P')
+		BadValue("Edm.Duration (ISO 8601, e.g. P1DT2H)", token);
+	if (token[0] != '-')
+		return Input(conv, token, type);
+	if (token[1] != 'P')
+		BadValue("Edm.Duration (ISO 8601, e.g. -PT5M)", token);
+	return DirectFunctionCall1(interval_um, Input(conv, token + 1, type));
 }
 
-Datum
-CiflowConvert(const CiflowConverter *conv, json_t *value, bool *isnull)
-{
-	char	   *text;
-
-	*isnull = (value == NULL || json_is_null(value));
-	if (*isnull)
-		return (Datum) 0;
-
-	switch (conv->typid)
-	{
-		case TEXTOID:
-			if (json_is_string(value))
-			{
-				size_t		len;
-				char	   *s = ServerString(value, &len);
-
-				return PointerGetDatum(cstring_to_text_with_len(s, (int) len));
-			}
-			return CStringGetTextDatum(ScalarText(value));
-		case INT4OID:
-			if (json_is_integer(value) &&
-				json_integer_value(value) >= PG_INT32_MIN &&
-				json_integer_value(value) <= PG_INT32_MAX)
-				return Int32GetDatum((int32) json_integer_value(value));
-			break;
-		case INT8OID:
-			if (json_is_integer(value))
-				return Int64GetDatum(json_integer_value(value));
-			break;
-		case FLOAT8OID:
-			if (json_is_number(value))
-				return Float8GetDatum(json_number_value(value));
-			break;
-		case BOOLOID:
-			if (json_is_boolean(value))
-				return BoolGetDatum(json_is_true(value));
-			break;
-		case NUMERICOID:
-			if (json_is_integer(value))
-				return NumericGetDatum(int64_to_numeric(json_integer_value(value)));
-			break;
-		case JSONBOID:
-			return JsonbPGetDatum(CiflowJsonToJsonb(value));
-		case INT2OID:
-			if (json_is_integer(value) &&
-				json_integer_value(value) >= PG_INT16_MIN &&
-				json_integer_value(value) <= PG_INT16_MAX)
-				return Int16GetDatum((int16) json_integer_value(value));
-			break;
-		case TIMESTAMPTZOID:
-		case TIMEOID:
-			if (json_is_string(value))
-				return InputFunctionCall((FmgrInfo *) &conv->input,
-										 TruncateFraction(pstrdup(ScalarText(value))),
-										 conv->ioparam, conv->typmod);
-			break;
-		case INTERVALOID:
-			if (json_is_string(value))
-				return DecodeDuration(conv, ScalarText(value));
-			break;
-		case BYTEAOID:
-			if (json_is_string(value))
-				return DecodeBinary(ScalarText(value));
-			break;
-		default:
-			break;
-	}
-	text = ScalarText(value);
-	return InputFunctionCall((FmgrInfo *) &conv->input, text,
-							 conv->ioparam, conv->typmod);
-}
-
+/* A scalar into jsonb, from its token: a one-element "raw scalar" array. */
 static JsonbValue *
-PushScalar(JsonbParseState **state, JsonbIteratorToken tok, json_t *value)
+PushToken(JsonbParseState **state, JsonbIteratorToken tok, char *token, JsonTokenType type)
 {
 	JsonbValue	v;
 
-	switch (json_typeof(value))
+	switch (type)
 	{
-		case JSON_STRING:
+		case JSON_TOKEN_STRING:
 			{
-				size_t		len;
+				size_t		len = strlen(token);
 
 				v.type = jbvString;
-				v.val.string.val = ServerString(value, &len);
+				v.val.string.val = ToServer(token, &len);
 				v.val.string.len = (int) len;
 				break;
 			}
-		case JSON_INTEGER:
-			v.type = jbvNumeric;
-			v.val.numeric = int64_to_numeric(json_integer_value(value));
-			break;
-		case JSON_REAL:
+		case JSON_TOKEN_NUMBER:
 			v.type = jbvNumeric;
 			v.val.numeric = DatumGetNumeric(DirectFunctionCall3(numeric_in,
-																CStringGetDatum(RealText(json_real_value(value))),
+																CStringGetDatum(token),
 																ObjectIdGetDatum(InvalidOid),
 																Int32GetDatum(-1)));
 			break;
-		case JSON_TRUE:
-		case JSON_FALSE:
+		case JSON_TOKEN_TRUE:
+		case JSON_TOKEN_FALSE:
 			v.type = jbvBool;
-			v.val.boolean = json_is_true(value);
+			v.val.boolean = (type == JSON_TOKEN_TRUE);
 			break;
 		default:
 			v.type = jbvNull;
 			break;
 	}
 	return pushJsonbValue(state, tok, &v);
+}
+
+static Jsonb *
+ScalarJsonb(char *token, JsonTokenType type)
+{
+	JsonbParseState *state = NULL;
+	JsonbValue	arr;
+
+	arr.type = jbvArray;
+	arr.val.array.rawScalar = true;
+	arr.val.array.nElems = 1;
+	(void) pushJsonbValue(&state, WJB_BEGIN_ARRAY, &arr);
+	(void) PushToken(&state, WJB_ELEM, token, type);
+	return JsonbValueToJsonb(pushJsonbValue(&state, WJB_END_ARRAY, NULL));
+}
+
+static Datum
+ConvertJsonb(const CiflowConverter *conv, char *token, JsonTokenType type)
+{
+	(void) conv;
+	return JsonbPGetDatum(ScalarJsonb(token, type));
+}
+
+void
+CiflowConverterInit(CiflowConverter *conv, Oid typid, int32 typmod,
+					MemoryContext cxt)
+{
+	Oid			infunc;
+
+	conv->typid = typid;
+	conv->typmod = typmod;
+	getTypeInputInfo(typid, &infunc, &conv->ioparam);
+	fmgr_info_cxt(infunc, &conv->input, cxt);
+
+	/* Chosen once per column: the hot path makes no decision per value. */
+	switch (typid)
+	{
+		case TEXTOID:
+			conv->fn = ConvertText;
+			break;
+		case INT2OID:
+			conv->fn = ConvertInt2;
+			break;
+		case INT4OID:
+			conv->fn = ConvertInt4;
+			break;
+		case INT8OID:
+			conv->fn = ConvertInt8;
+			break;
+		case BOOLOID:
+			conv->fn = ConvertBool;
+			break;
+		case TIMESTAMPTZOID:
+			conv->fn = ConvertTimestamptz;
+			break;
+		case TIMEOID:
+			conv->fn = ConvertTime;
+			break;
+		case DATEOID:
+			conv->fn = ConvertDate;
+			break;
+		case INTERVALOID:
+			conv->fn = ConvertInterval;
+			break;
+		case BYTEAOID:
+			conv->fn = ConvertBytea;
+			break;
+		case JSONBOID:
+			conv->fn = ConvertJsonb;
+			break;
+		default:
+			/* numeric, float, uuid and any type of a user's own column */
+			conv->fn = Input;
+			break;
+	}
+}
+
+Datum
+CiflowConvertComposite(const CiflowConverter *conv, const char *json, int len)
+{
+	size_t		n = (size_t) len;
+	char	   *text = ToServer(pnstrdup(json, n), &n);
+
+	if (conv->typid == JSONBOID)
+		return DirectFunctionCall1(jsonb_in, CStringGetDatum(text));
+	return InputFunctionCall((FmgrInfo *) &conv->input, text,
+							 conv->ioparam, conv->typmod);
+}
+
+/* A jansson scalar as the page parser would have delivered it. */
+static char *
+ScalarToken(json_t *value, JsonTokenType *type)
+{
+	size_t		len;
+
+	switch (json_typeof(value))
+	{
+		case JSON_STRING:
+			*type = JSON_TOKEN_STRING;
+			RefuseNul(json_string_value(value), json_string_length(value));
+			return (char *) json_string_value(value);
+		case JSON_INTEGER:
+			*type = JSON_TOKEN_NUMBER;
+			return psprintf("%lld", (long long) json_integer_value(value));
+		case JSON_REAL:
+			*type = JSON_TOKEN_NUMBER;
+			return RealText(json_real_value(value));
+		case JSON_TRUE:
+			*type = JSON_TOKEN_TRUE;
+			return "true";
+		case JSON_FALSE:
+			*type = JSON_TOKEN_FALSE;
+			return "false";
+		default:
+			*type = JSON_TOKEN_NULL;
+			(void) len;
+			return NULL;
+	}
+}
+
+Datum
+CiflowConvert(const CiflowConverter *conv, json_t *value, bool *isnull)
+{
+	JsonTokenType type;
+	char	   *token;
+
+	*isnull = (value == NULL || json_is_null(value));
+	if (*isnull)
+		return (Datum) 0;
+	if (json_is_object(value) || json_is_array(value))
+	{
+		Jsonb	   *jb = CiflowJsonToJsonb(value);
+
+		if (conv->typid == JSONBOID)
+			return JsonbPGetDatum(jb);
+		return InputFunctionCall((FmgrInfo *) &conv->input,
+								 JsonbToCString(NULL, &jb->root, 0),
+								 conv->ioparam, conv->typmod);
+	}
+	token = ScalarToken(value, &type);
+	/* The converters may truncate a copy, never the document's own string. */
+	return conv->fn(conv, type == JSON_TOKEN_STRING ? pstrdup(token) : token, type);
+}
+
+static JsonbValue *
+PushScalar(JsonbParseState **state, JsonbIteratorToken tok, json_t *value)
+{
+	JsonTokenType type;
+	char	   *token = ScalarToken(value, &type);
+
+	return PushToken(state, tok, token, type);
 }
 
 /* Returns what pushJsonbValue returns: the finished value at the outermost end. */
@@ -393,23 +613,13 @@ Jsonb *
 CiflowJsonToJsonb(json_t *value)
 {
 	JsonbParseState *state = NULL;
-	JsonbValue *result;
+	JsonTokenType type;
+	char	   *token;
 
 	if (json_is_object(value) || json_is_array(value))
-		result = PushValue(&state, WJB_VALUE, value);
-	else
-	{
-		/* A scalar is stored as a one-element "raw scalar" array. */
-		JsonbValue	arr;
-
-		arr.type = jbvArray;
-		arr.val.array.rawScalar = true;
-		arr.val.array.nElems = 1;
-		(void) pushJsonbValue(&state, WJB_BEGIN_ARRAY, &arr);
-		(void) PushScalar(&state, WJB_ELEM, value);
-		result = pushJsonbValue(&state, WJB_END_ARRAY, NULL);
-	}
-	return JsonbValueToJsonb(result);
+		return JsonbValueToJsonb(PushValue(&state, WJB_VALUE, value));
+	token = ScalarToken(value, &type);
+	return ScalarJsonb(token, type);
 }
 
 /*
@@ -417,35 +627,72 @@ CiflowJsonToJsonb(json_t *value)
  * it in a column of edm_type (edm.c's map), as that column type's text.
  * It lets users and tests see exactly how a service's value is read.
  */
+/* One value into one Datum: what a page's sink does per field. */
+typedef struct ValueSink
+{
+	const CiflowConverter *conv;
+	Datum		value;
+	bool		isnull;
+} ValueSink;
+
+static void
+ValueScalar(void *arg, const char *field, char *token, JsonTokenType type)
+{
+	ValueSink  *vs = (ValueSink *) arg;
+
+	(void) field;
+	vs->isnull = (token == NULL);
+	if (!vs->isnull)
+		vs->value = vs->conv->fn(vs->conv, token, type);
+}
+
+static void
+ValueComposite(void *arg, const char *field, const char *json, int len)
+{
+	ValueSink  *vs = (ValueSink *) arg;
+
+	(void) field;
+	vs->isnull = false;
+	vs->value = CiflowConvertComposite(vs->conv, json, len);
+}
+
+/*
+ * ciflow.edm_value(value jsonb, edm_type text): the value as a sync stores
+ * it in a column of edm_type (edm.c's map), as that column type's text.
+ * It lets users and tests see exactly how a service's value is read: it
+ * goes through the page parser's tokens and the same converters.
+ */
 Datum
 ciflow_edm_value(PG_FUNCTION_ARGS)
 {
 	Jsonb	   *jb;
 	char	   *edm;
 	char	   *json_text;
-	json_t	   *value;
-	json_error_t jerr;
 	CiflowConverter conv;
+	CiflowRowSink sink;
+	ValueSink	vs;
 	Oid			outfunc;
 	bool		isvarlena;
-	bool		isnull;
-	Datum		d;
 
 	if (PG_ARGISNULL(0) || PG_ARGISNULL(1))
 		PG_RETURN_NULL();
 	jb = PG_GETARG_JSONB_P(0);
 	edm = text_to_cstring(PG_GETARG_TEXT_PP(1));
 	json_text = JsonbToCString(NULL, &jb->root, VARSIZE(jb));
-	value = json_loads(json_text, JSON_DECODE_ANY | JSON_ALLOW_NUL, &jerr);
-	if (value == NULL)
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("value cannot be read as the service's JSON: %s", jerr.text),
-				 errhint("Integers must fit in 64 bits, as on the wire.")));
+	/* The parser reads what the services send: UTF-8. */
+	json_text = pg_server_to_any(json_text, (int) strlen(json_text), PG_UTF8);
 	CiflowConverterInit(&conv, CiflowEdmTypeOid(edm), -1, CurrentMemoryContext);
-	d = CiflowConvert(&conv, value, &isnull);
-	if (isnull)
+
+	memset(&sink, 0, sizeof(sink));
+	memset(&vs, 0, sizeof(vs));
+	vs.conv = &conv;
+	vs.isnull = true;
+	sink.arg = &vs;
+	sink.scalar = ValueScalar;
+	sink.composite = ValueComposite;
+	CiflowParseValue(json_text, strlen(json_text), &sink, "value cannot be read as the service's JSON");
+	if (vs.isnull)
 		PG_RETURN_NULL();
 	getTypeOutputInfo(conv.typid, &outfunc, &isvarlena);
-	PG_RETURN_TEXT_P(cstring_to_text(OidOutputFunctionCall(outfunc, d)));
+	PG_RETURN_TEXT_P(cstring_to_text(OidOutputFunctionCall(outfunc, vs.value)));
 }

@@ -1,16 +1,15 @@
 /*-------------------------------------------------------------------------
  *
  * load.h
- *	  JSON rows of one page into typed tuples of the staging heap.
+ *	  The rows of one page's body into typed tuples of the staging heap.
  *
  *-------------------------------------------------------------------------
  */
 #ifndef CIFLOW_LOAD_H
 #define CIFLOW_LOAD_H
 
-#include "ciflow_json.h"
-
 #include "utils/rel.h"
+#include "pageparse.h"
 #include "target.h"			/* CIFLOW_STAGE_SEQ, the shape */
 
 typedef struct CiflowLoader CiflowLoader;
@@ -29,8 +28,17 @@ extern CiflowLoader *CiflowLoaderCreate(const CiflowShape *shape,
  */
 extern void CiflowLoaderAcceptDeletions(CiflowLoader *loader, bool accept);
 
-/* Inserts one page's rows; returns how many.  page_no is for messages. */
-extern int	CiflowLoadPage(CiflowLoader *loader, Relation staging,
-						   json_t *rows, int page_no);
+/*
+ * Parses one page's body into tuples that the loader holds until
+ * CiflowLoaderInsert; *info gets the page's annotations, valid until the
+ * next page.  page_no is for messages.  In a transaction: a column type's
+ * input function may read the catalogs.  The body may be freed as soon as
+ * this returns.
+ */
+extern void CiflowLoaderParse(CiflowLoader *loader, const char *body, size_t len,
+							  int page_no, const char *failmsg, CiflowPageInfo *info);
+
+/* Inserts the tuples of the page parsed last; returns how many. */
+extern int	CiflowLoaderInsert(CiflowLoader *loader, Relation staging);
 
 #endif							/* CIFLOW_LOAD_H */

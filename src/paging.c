@@ -16,8 +16,14 @@
  *
  *	  Guards: at most ciflow.max_pages pages, no link followed twice, no
  *	  two identical non-empty pages in a row (a server ignoring $skip), and
- *	  no link to another host.  One page is held at a time: the caller
- *	  frees a page before it asks for the next.
+ *	  no link to another host.
+ *
+ *	  The pager hands out bodies, not parsed pages: the caller parses one
+ *	  (straight into rows, load.c) and gives back what the page said
+ *	  (CiflowPagerAccept), which sets the next page's address and puts its
+ *	  request under way at once, so that its transfer overlaps the
+ *	  caller's insert of the page before.  Two pages at most are held: the
+ *	  one being inserted, as tuples, and the next one's body arriving.
  *
  *-------------------------------------------------------------------------
  */
@@ -40,7 +46,12 @@ struct CiflowPager
 	char	   *query;			/* options other than paging */
 	const char *failmsg;
 	CiflowCallStats *stats;
-	MemoryContext page_cxt;		/* reset before every request */
+	MemoryContext page_cxt;		/* a page's request and body; reset before
+								 * every request */
+	char	   *page_url;		/* the request of the page in page_cxt */
+	bool		started;		/* its request is under way (Accept began it) */
+	CiflowPendingRequest *pending;	/* in page_cxt */
+	uint64		page_hash;		/* of the body Fetch returned */
 	bool		link_mode;
 	char	   *next_url;		/* in link mode; in the pager's context */
 	int64		skip;
@@ -153,9 +164,8 @@ PagingError(CiflowPager *p, const char *detail)
  * resolved like a nextLink (Dataverse sends absolute ones).
  */
 static void
-TakeDeltaLink(CiflowPager *p, json_t *page, const char *request_url)
+TakeDeltaLink(CiflowPager *p, const char *link, const char *request_url)
 {
-	const char *link = CiflowJsonString(page, "@odata.deltaLink");
 	char	   *resolved;
 
 	if (link == NULL)
@@ -169,9 +179,8 @@ TakeDeltaLink(CiflowPager *p, json_t *page, const char *request_url)
 
 /* Accepts the page's nextLink, if any, as the next URL. */
 static void
-TakeNextLink(CiflowPager *p, json_t *page, const char *request_url)
+TakeNextLink(CiflowPager *p, const char *link, const char *request_url)
 {
-	const char *link = CiflowJsonString(page, "@odata.nextLink");
 	char	   *resolved;
 	char	   *origin = NULL;
 	uint64		h;
@@ -207,20 +216,16 @@ TakeNextLink(CiflowPager *p, json_t *page, const char *request_url)
 	p->link_mode = true;
 }
 
-json_t *
-CiflowPagerNext(CiflowPager *p, json_t **rows)
+/*
+ * Puts the next page's request under way.  What it needs lives in
+ * page_cxt, which the page before no longer uses.
+ */
+static void
+StartPage(CiflowPager *p)
 {
-	CiflowRequest req;
-	CiflowResponse resp;
 	MemoryContext old;
-	json_t	   *page;
-	json_t	   *count;
-	char	   *url;
-	size_t		nrows;
-	uint64		h;
+	CiflowRequest *req;
 
-	if (p->done)
-		return NULL;
 	if (p->pages >= ciflow_settings.max_pages)
 		ereport(ERROR,
 				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
@@ -231,54 +236,79 @@ CiflowPagerNext(CiflowPager *p, json_t **rows)
 
 	MemoryContextReset(p->page_cxt);
 	old = MemoryContextSwitchTo(p->page_cxt);
-
-	url = PageUrl(p);
-	memset(&req, 0, sizeof(req));
-	req.conn = p->conn;
-	req.url = url;
-	req.api_call = true;
-	req.prefer = PagePrefer(p);
-	req.failmsg = p->failmsg;
-	req.not_found_hint = "Check the entity's name with ciflow.get_entities().";
-	req.stats = p->stats;
-	req.return_refusal = p->refusable;
-	resp = CiflowRequestPerform(&req);
+	p->page_url = PageUrl(p);
+	req = palloc0(sizeof(CiflowRequest));
+	req->conn = p->conn;
+	req->url = p->page_url;
+	req->api_call = true;
+	req->prefer = PagePrefer(p);
+	req->failmsg = p->failmsg;
+	req->not_found_hint = "Check the entity's name with ciflow.get_entities().";
+	req->stats = p->stats;
+	req->return_refusal = p->refusable;
 	p->refusable = false;
+	p->pending = CiflowRequestStart(req);
+	p->started = true;
+	MemoryContextSwitchTo(old);
+}
+
+bool
+CiflowPagerFetch(CiflowPager *p, const char **body, size_t *len)
+{
+	CiflowResponse resp;
+	MemoryContext old;
+
+	if (p->done)
+		return false;
+	if (!p->started)
+		StartPage(p);
+	p->started = false;
+	old = MemoryContextSwitchTo(p->page_cxt);
+	resp = CiflowRequestFinish(p->pending);
+	p->pending = NULL;
+	MemoryContextSwitchTo(old);
 	if (resp.status >= 400)
 	{
 		/* Nothing was read: the caller pulls everything instead. */
 		KeepString(p, &p->refusal, psprintf("HTTP status %ld: %s", resp.status,
 											CiflowServiceMessage(resp.body, resp.len)));
 		p->done = true;
-		MemoryContextSwitchTo(old);
-		return NULL;
+		return false;
 	}
 	p->pages++;
-	page = CiflowParseJson(resp.body, resp.len, p->failmsg);
-	*rows = CiflowPageRows(page, p->failmsg);
-	nrows = json_array_size(*rows);
+	p->page_hash = hash_bytes_extended((const unsigned char *) resp.body, resp.len, 0);
+	*body = resp.body;
+	*len = resp.len;
+	return true;
+}
 
-	count = json_object_get(page, "@odata.count");
-	if (json_is_integer(count))
-		p->count = json_integer_value(count);
+void
+CiflowPagerAccept(CiflowPager *p, const CiflowPageInfo *info)
+{
+	if (info->count >= 0)
+		p->count = info->count;
 
 	/* A server that ignores $skip would otherwise be read forever. */
-	h = hash_bytes_extended((const unsigned char *) resp.body, resp.len, 0);
-	if (nrows > 0 && p->pages > 1 && h == p->prev_hash)
+	if (info->rows > 0 && p->pages > 1 && p->page_hash == p->prev_hash)
 		PagingError(p, psprintf("Pages %d and %d are identical; the server seems to ignore $skip.",
 								p->pages - 1, p->pages));
-	p->prev_hash = h;
+	p->prev_hash = p->page_hash;
 
-	TakeNextLink(p, page, url);
-	TakeDeltaLink(p, page, url);
+	TakeNextLink(p, info->next_link, p->page_url);
+	TakeDeltaLink(p, info->delta_link, p->page_url);
 	if (!p->link_mode)
 	{
-		p->skip += nrows;
-		if (nrows == 0)
+		p->skip += info->rows;
+		if (info->rows == 0)
 			p->done = true;
 	}
-	MemoryContextSwitchTo(old);
-	return page;
+
+	/*
+	 * The next page's transfer goes on while the caller inserts this one:
+	 * its bytes wait in the socket until the caller fetches them.
+	 */
+	if (!p->done)
+		StartPage(p);
 }
 
 int

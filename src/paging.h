@@ -2,16 +2,15 @@
  *
  * paging.h
  *	  Reads an entity page by page: $top/$skip, or the server's nextLink.
- *	  Only one page is held at a time.
+ *	  The next page's transfer begins while the caller works on the last.
  *
  *-------------------------------------------------------------------------
  */
 #ifndef CIFLOW_PAGING_H
 #define CIFLOW_PAGING_H
 
-#include "ciflow_json.h"
-
 #include "connection.h"
+#include "pageparse.h"
 #include "request.h"
 
 typedef struct CiflowPager CiflowPager;
@@ -25,11 +24,18 @@ extern CiflowPager *CiflowPagerBegin(const CiflowConnection *conn,
 									 const char *failmsg, CiflowCallStats *stats);
 
 /*
- * Fetches the next page.  Returns the page with *rows pointing at its row
- * array, or NULL when the pull is complete.  The pager owns the page: it
- * lives until the next call or CiflowPagerEnd, and is not json_decref'd.
+ * The next page's body (NUL-terminated at *len), or false when the pull is
+ * complete.  Outside a transaction: it may wait for the transfer.  The
+ * body is the pager's and lives until CiflowPagerAccept.
  */
-extern json_t *CiflowPagerNext(CiflowPager *pager, json_t **rows);
+extern bool CiflowPagerFetch(CiflowPager *pager, const char **body, size_t *len);
+
+/*
+ * What the page Fetch returned said, once it is parsed: advances the pull
+ * and starts the next page's request.  Outside a transaction (the call
+ * limit may make it wait); the body is gone afterwards.
+ */
+extern void CiflowPagerAccept(CiflowPager *pager, const CiflowPageInfo *info);
 
 /* Pages fetched so far (the one being worked on included). */
 extern int	CiflowPagerPages(const CiflowPager *pager);

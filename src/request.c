@@ -483,6 +483,27 @@ CiflowRequestPerform(const CiflowRequest *req)
 	}
 }
 
+/* TEMPORARY until the multi-interface request path lands. */
+struct CiflowPendingRequest
+{
+	CiflowResponse resp;
+};
+
+CiflowPendingRequest *
+CiflowRequestStart(const CiflowRequest *req)
+{
+	CiflowPendingRequest *pending = palloc(sizeof(CiflowPendingRequest));
+
+	pending->resp = CiflowRequestPerform(req);
+	return pending;
+}
+
+CiflowResponse
+CiflowRequestFinish(CiflowPendingRequest *pending)
+{
+	return pending->resp;
+}
+
 void
 CiflowReframeError(ErrorData *edata, const char *failmsg)
 {

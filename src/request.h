@@ -69,6 +69,11 @@ extern char *CiflowServiceMessage(const char *body, size_t len);
 /* Returns a 2xx answer or raises an ERROR with SQLSTATE, DETAIL and HINT. */
 extern CiflowResponse CiflowRequestPerform(const CiflowRequest *req);
 
+/* The same in two steps: the request goes out, the caller works, then waits. */
+typedef struct CiflowPendingRequest CiflowPendingRequest;
+extern CiflowPendingRequest *CiflowRequestStart(const CiflowRequest *req);
+extern CiflowResponse CiflowRequestFinish(CiflowPendingRequest *pending);
+
 /*
  * Same, then parses the body as JSON (22032 when it is not JSON); NULL for
  * a refusal returned under return_refusal.

@@ -17,6 +17,7 @@ typedef struct CiflowRunState
 {
 	int64		run_id;
 	int			pages;
+	int			page_at;		/* the page being read or loaded (messages) */
 	int64		rows;
 	int64		rows_expected;	/* -1 when unknown */
 	CiflowCallStats stats;

@@ -388,7 +388,7 @@ FailureDetail(const CiflowRunState *run, SyncPhase phase, const char *detail)
 			appendStringInfoString(&s, ", preparing the target");
 			break;
 		case PHASE_PAGES:
-			appendStringInfo(&s, ", page %d", run->pages + 1);
+			appendStringInfo(&s, ", page %d", run->page_at);
 			break;
 		case PHASE_PUBLISH:
 			appendStringInfo(&s, ", publishing after %d pages", run->pages);
@@ -485,7 +485,8 @@ PullPages(const CiflowSyncArgs *args, const CiflowConnection *conn, const Ciflow
 {
 	CiflowPager *pager;
 	Relation	staging;
-	json_t	   *rows;
+	const char *body;
+	size_t		len;
 	const char *link;
 	char	   *delta_link;
 
@@ -496,13 +497,27 @@ PullPages(const CiflowSyncArgs *args, const CiflowConnection *conn, const Ciflow
 	else if (plan->incremental && plan->track_changes)
 		CiflowPagerTrackChanges(pager);
 	CiflowLoaderAcceptDeletions(loader, plan->delta_link != NULL);
-	while (CiflowPagerNext(pager, &rows) != NULL)
+	for (;;)
 	{
+		CiflowPageInfo info;
+		int			page_no = run->pages + 1;
 		int			n;
 
+		run->page_at = page_no;
+		if (!CiflowPagerFetch(pager, &body, &len))
+			break;
+		/* Parsed in a transaction of its own: input functions may read the catalog. */
+		BeginXact();
+		CiflowLoaderParse(loader, body, len, page_no, failmsg, &info);
+		CommitXact(run_cxt);
+		/* The next page's transfer begins, to overlap this page's insert. */
+		run->page_at = page_no + 1;
+		CiflowPagerAccept(pager, &info);
+
+		run->page_at = page_no;
 		BeginXact();
 		staging = table_open(target->staging_relid, RowExclusiveLock);
-		n = CiflowLoadPage(loader, staging, rows, run->pages + 1);
+		n = CiflowLoaderInsert(loader, staging);
 		table_close(staging, NoLock);
 		run->pages = CiflowPagerPages(pager);
 		run->rows += n;

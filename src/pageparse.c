@@ -1,0 +1,346 @@
+/*-------------------------------------------------------------------------
+ *
+ * pageparse.c
+ *	  One page of an entity, read with PostgreSQL's own JSON parser
+ *	  (common/jsonapi.h) straight from the response buffer.  A row's fields
+ *	  go to the loader's sink as the parser meets them: no document tree,
+ *	  no copy of the body, and the parser's own allocations freed row by
+ *	  row, so a page costs its body and what the sink keeps of it.
+ *
+ *	  Measured on a 1000-row Customer page (514 kB), jansson's json_loadb
+ *	  read 40 MB/s and pg_parse_json with field and scalar callbacks 250
+ *	  MB/s; jansson stays for small documents (metadata, actions).
+ *
+ *	  This file knows the shape of an OData collection page ("value" and
+ *	  the @odata annotations beside it), not the table's columns: which
+ *	  field goes where, and how a token becomes a Datum, is the sink's.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "mb/pg_wchar.h"
+#include "utils/memutils.h"
+
+#include "pageparse.h"
+
+/* Nesting levels as jsonapi.c counts them while a callback runs. */
+#define LEVEL_TOP			0	/* the page object */
+#define LEVEL_ANNOTATION	1	/* a field of the page object */
+#define LEVEL_ROW			2	/* an element of "value" */
+#define LEVEL_FIELD			3	/* a field of a row */
+
+typedef enum TopField
+{
+	TOP_OTHER,
+	TOP_VALUE,
+	TOP_NEXT_LINK,
+	TOP_DELTA_LINK,
+	TOP_COUNT
+} TopField;
+
+typedef struct PageParse
+{
+	JsonLexContext *lex;
+	const CiflowRowSink *sink;
+	CiflowPageInfo *info;
+	const char *failmsg;
+	bool		single;			/* CiflowParseValue: one value, no page */
+	MemoryContext keep_cxt;		/* the annotations' */
+	MemoryContext row_cxt;		/* the parser's own strings; reset per row */
+	TopField	top_field;
+	bool		top_is_object;
+	bool		in_value;		/* inside the "value" array */
+	bool		saw_value;
+	char	   *field;			/* the row field being read */
+	char	   *composite_start;
+} PageParse;
+
+static void
+NotARow(PageParse *pp)
+{
+	ereport(ERROR,
+			(errcode(ERRCODE_INVALID_JSON_TEXT),
+			 errmsg("%s", pp->failmsg),
+			 errdetail("Row %d of the page is not a JSON object.", pp->info->rows + 1)));
+}
+
+/* Where a composite value worth handing on starts. */
+static int
+CompositeLevel(const PageParse *pp)
+{
+	return pp->single ? LEVEL_TOP : LEVEL_FIELD;
+}
+
+static void
+CompositeStart(PageParse *pp)
+{
+	int			level = pp->lex->lex_level;
+
+	if (level == CompositeLevel(pp) && (pp->single || pp->in_value))
+		pp->composite_start = pp->lex->token_start;
+}
+
+static void
+CompositeEnd(PageParse *pp)
+{
+	int			level = pp->lex->lex_level;
+
+	if (level == CompositeLevel(pp) && (pp->single || pp->in_value))
+	{
+		const char *end = pp->lex->prev_token_terminator;
+
+		pp->sink->composite(pp->sink->arg, pp->field, pp->composite_start,
+							(int) (end - pp->composite_start));
+	}
+}
+
+static void
+ObjectStart(void *state)
+{
+	PageParse  *pp = (PageParse *) state;
+
+	if (pp->single)
+	{
+		CompositeStart(pp);
+		return;
+	}
+	switch (pp->lex->lex_level)
+	{
+		case LEVEL_TOP:
+			pp->top_is_object = true;
+			break;
+		case LEVEL_ROW:
+			if (pp->in_value)
+			{
+				pp->field = NULL;
+				pp->sink->row_start(pp->sink->arg);
+			}
+			break;
+		default:
+			CompositeStart(pp);
+	}
+}
+
+static void
+ObjectEnd(void *state)
+{
+	PageParse  *pp = (PageParse *) state;
+
+	if (!pp->single && pp->lex->lex_level == LEVEL_ROW && pp->in_value)
+	{
+		pp->sink->row_end(pp->sink->arg);
+		pp->info->rows++;
+		/* Nothing the parser allocated for this row is needed any more. */
+		MemoryContextReset(pp->row_cxt);
+		return;
+	}
+	CompositeEnd(pp);
+}
+
+static void
+ArrayStart(void *state)
+{
+	PageParse  *pp = (PageParse *) state;
+
+	if (pp->single)
+	{
+		CompositeStart(pp);
+		return;
+	}
+	switch (pp->lex->lex_level)
+	{
+		case LEVEL_ANNOTATION:
+			if (pp->top_field == TOP_VALUE)
+			{
+				pp->in_value = true;
+				pp->saw_value = true;
+			}
+			break;
+		case LEVEL_ROW:
+			if (pp->in_value)
+				NotARow(pp);
+			break;
+		default:
+			CompositeStart(pp);
+	}
+}
+
+static void
+ArrayEnd(void *state)
+{
+	PageParse  *pp = (PageParse *) state;
+
+	if (!pp->single && pp->lex->lex_level == LEVEL_ANNOTATION)
+	{
+		pp->in_value = false;
+		return;
+	}
+	CompositeEnd(pp);
+}
+
+static void
+FieldStart(void *state, char *fname, bool isnull)
+{
+	PageParse  *pp = (PageParse *) state;
+
+	(void) isnull;
+	if (pp->single)
+		return;
+	if (pp->lex->lex_level == LEVEL_ANNOTATION)
+	{
+		if (strcmp(fname, "value") == 0)
+			pp->top_field = TOP_VALUE;
+		else if (strcmp(fname, "@odata.nextLink") == 0)
+			pp->top_field = TOP_NEXT_LINK;
+		else if (strcmp(fname, "@odata.deltaLink") == 0)
+			pp->top_field = TOP_DELTA_LINK;
+		else if (strcmp(fname, "@odata.count") == 0)
+			pp->top_field = TOP_COUNT;
+		else
+			pp->top_field = TOP_OTHER;
+	}
+	else if (pp->lex->lex_level == LEVEL_FIELD && pp->in_value)
+		pp->field = fname;
+}
+
+static void
+Annotation(PageParse *pp, char *token, JsonTokenType type)
+{
+	switch (pp->top_field)
+	{
+		case TOP_NEXT_LINK:
+			if (type == JSON_TOKEN_STRING)
+				pp->info->next_link = MemoryContextStrdup(pp->keep_cxt, token);
+			break;
+		case TOP_DELTA_LINK:
+			if (type == JSON_TOKEN_STRING)
+				pp->info->delta_link = MemoryContextStrdup(pp->keep_cxt, token);
+			break;
+		case TOP_COUNT:
+			{
+				char	   *end;
+				int64		n;
+
+				errno = 0;
+				n = strtoi64(token, &end, 10);
+				/* IEEE754Compatible may quote it; anything else is ignored. */
+				if ((type == JSON_TOKEN_NUMBER || type == JSON_TOKEN_STRING) &&
+					errno == 0 && *end == '\0' && end != token && n >= 0)
+					pp->info->count = n;
+			}
+			break;
+		default:
+			break;
+	}
+}
+
+static void
+Scalar(void *state, char *token, JsonTokenType type)
+{
+	PageParse  *pp = (PageParse *) state;
+	int			level = pp->lex->lex_level;
+
+	if (pp->single)
+	{
+		if (level == LEVEL_TOP)
+			pp->sink->scalar(pp->sink->arg, NULL,
+							 type == JSON_TOKEN_NULL ? NULL : token, type);
+		return;
+	}
+	if (level == LEVEL_FIELD && pp->in_value)
+		pp->sink->scalar(pp->sink->arg, pp->field,
+						 type == JSON_TOKEN_NULL ? NULL : token, type);
+	else if (level == LEVEL_ROW && pp->in_value)
+		NotARow(pp);
+	else if (level == LEVEL_ANNOTATION)
+		Annotation(pp, token, type);
+}
+
+static void
+Parse(PageParse *pp, const char *body, size_t len)
+{
+	JsonSemAction sem;
+	JsonParseErrorType rc;
+	MemoryContext old;
+
+	/*
+	 * The lexer trusts its input to be valid in the encoding it is told;
+	 * pages come as UTF-8 and are checked once, whole.
+	 */
+	if (len > (size_t) PG_INT32_MAX ||
+		!pg_verify_mbstr(PG_UTF8, body, (int) len, true))
+		ereport(ERROR,
+				(errcode(ERRCODE_CHARACTER_NOT_IN_REPERTOIRE),
+				 errmsg("%s", pp->failmsg),
+				 errdetail("The response (%zu bytes) is not valid UTF-8.", len)));
+
+	/* \u escapes become UTF-8; the sink converts to the server's encoding. */
+	pp->lex = makeJsonLexContextCstringLen((char *) body, (int) len, PG_UTF8, true);
+	memset(&sem, 0, sizeof(sem));
+	sem.semstate = pp;
+	sem.object_start = ObjectStart;
+	sem.object_end = ObjectEnd;
+	sem.array_start = ArrayStart;
+	sem.array_end = ArrayEnd;
+	sem.object_field_start = FieldStart;
+	sem.scalar = Scalar;
+
+	pp->keep_cxt = CurrentMemoryContext;
+	pp->row_cxt = AllocSetContextCreate(CurrentMemoryContext, "ciflow page parse",
+										ALLOCSET_SMALL_SIZES);
+	old = MemoryContextSwitchTo(pp->row_cxt);
+	rc = pg_parse_json(pp->lex, &sem);
+	MemoryContextSwitchTo(old);
+	if (rc != JSON_SUCCESS)
+		ereport(ERROR,
+				(errcode(rc == JSON_UNICODE_CODE_POINT_ZERO ?
+						 ERRCODE_UNTRANSLATABLE_CHARACTER : ERRCODE_INVALID_JSON_TEXT),
+				 errmsg("%s", pp->failmsg),
+				 errdetail("The response (%zu bytes) is not valid JSON: %s (line %d).",
+						   len, json_errdetail(rc, pp->lex), pp->lex->line_number),
+				 errhint("Check that base_url points at the service's API.")));
+	MemoryContextDelete(pp->row_cxt);
+	if (pp->lex->strval != NULL)
+	{
+		pfree(pp->lex->strval->data);
+		pfree(pp->lex->strval);
+	}
+	pfree(pp->lex);
+}
+
+void
+CiflowParsePage(const char *body, size_t len, const CiflowRowSink *sink,
+				CiflowPageInfo *info, const char *failmsg)
+{
+	PageParse	pp;
+
+	memset(info, 0, sizeof(*info));
+	info->count = -1;
+	memset(&pp, 0, sizeof(pp));
+	pp.sink = sink;
+	pp.info = info;
+	pp.failmsg = failmsg;
+	Parse(&pp, body, len);
+	if (!pp.top_is_object || !pp.saw_value)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_JSON_TEXT),
+				 errmsg("%s", failmsg),
+				 errdetail("The response has no \"value\" array.")));
+}
+
+void
+CiflowParseValue(const char *json, size_t len, const CiflowRowSink *sink,
+				 const char *failmsg)
+{
+	PageParse	pp;
+	CiflowPageInfo info;
+
+	memset(&info, 0, sizeof(info));
+	memset(&pp, 0, sizeof(pp));
+	pp.sink = sink;
+	pp.info = &info;
+	pp.failmsg = failmsg;
+	pp.single = true;
+	Parse(&pp, json, len);
+}
