@@ -33,6 +33,7 @@
 #include "lib/stringinfo.h"
 #include "miscadmin.h"
 #include "pgstat.h"
+#include "portability/instr_time.h"
 #include "utils/guc.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
@@ -471,6 +472,27 @@ AnalyzeAfterPublish(const CiflowTarget *target, MemoryContext back_to)
 	PG_END_TRY();
 }
 
+/* The steps of a page, timed. */
+enum
+{
+	STEP_WAIT,					/* for the page's bytes */
+	STEP_PARSE,					/* parse and convert */
+	STEP_REQUEST,				/* put the next request under way */
+	STEP_INSERT,				/* insert and commit */
+	STEP_COUNT
+};
+
+/* Adds the time since *mark to *total; *mark becomes now. */
+static void
+Spent(instr_time *total, instr_time *mark)
+{
+	instr_time	now;
+
+	INSTR_TIME_SET_CURRENT(now);
+	INSTR_TIME_ACCUM_DIFF(*total, now, *mark);
+	*mark = now;
+}
+
 /*
  * Every page of the plan's pull into the staging heap, one transaction
  * per page, the run's progress with it.  Returns the last page's delta
@@ -489,6 +511,8 @@ PullPages(const CiflowSyncArgs *args, const CiflowConnection *conn, const Ciflow
 	size_t		len;
 	const char *link;
 	char	   *delta_link;
+	instr_time	spent[STEP_COUNT];
+	instr_time	mark;
 
 	pager = CiflowPagerBegin(conn, shape->entity, PageQuery(args, conn, shape, plan->filter),
 							 failmsg, &run->stats);
@@ -497,6 +521,7 @@ PullPages(const CiflowSyncArgs *args, const CiflowConnection *conn, const Ciflow
 	else if (plan->incremental && plan->track_changes)
 		CiflowPagerTrackChanges(pager);
 	CiflowLoaderAcceptDeletions(loader, plan->delta_link != NULL);
+	memset(spent, 0, sizeof(spent));
 	for (;;)
 	{
 		CiflowPageInfo info;
@@ -504,15 +529,19 @@ PullPages(const CiflowSyncArgs *args, const CiflowConnection *conn, const Ciflow
 		int			n;
 
 		run->page_at = page_no;
+		INSTR_TIME_SET_CURRENT(mark);
 		if (!CiflowPagerFetch(pager, &body, &len))
 			break;
+		Spent(&spent[STEP_WAIT], &mark);
 		/* Parsed in a transaction of its own: input functions may read the catalog. */
 		BeginXact();
 		CiflowLoaderParse(loader, body, len, page_no, failmsg, &info);
 		CommitXact(run_cxt);
+		Spent(&spent[STEP_PARSE], &mark);
 		/* The next page's transfer begins, to overlap this page's insert. */
 		run->page_at = page_no + 1;
 		CiflowPagerAccept(pager, &info);
+		Spent(&spent[STEP_REQUEST], &mark);
 
 		run->page_at = page_no;
 		BeginXact();
@@ -524,7 +553,16 @@ PullPages(const CiflowSyncArgs *args, const CiflowConnection *conn, const Ciflow
 		run->rows_expected = CiflowPagerCount(pager);
 		CiflowRunProgress(run);
 		CommitXact(run_cxt);
+		Spent(&spent[STEP_INSERT], &mark);
 	}
+	/* Where a pull's time goes, for whoever tunes it (the benchmark reads it). */
+	ereport(DEBUG1,
+			(errmsg_internal("ciflow: run " INT64_FORMAT ", %d pages: waiting for pages %.3f s, parsing %.3f s, requesting %.3f s, inserting %.3f s",
+							 run->run_id, run->pages,
+							 INSTR_TIME_GET_DOUBLE(spent[STEP_WAIT]),
+							 INSTR_TIME_GET_DOUBLE(spent[STEP_PARSE]),
+							 INSTR_TIME_GET_DOUBLE(spent[STEP_REQUEST]),
+							 INSTR_TIME_GET_DOUBLE(spent[STEP_INSERT]))));
 	link = CiflowPagerDeltaLink(pager);
 	delta_link = link ? MemoryContextStrdup(run_cxt, link) : NULL;
 	*refusal = CiflowPagerRefusal(pager) ?
