@@ -842,3 +842,5 @@ COMMENT ON TABLE ciflow.entity_keys IS
     'Cache of each entity''s key and property types, as the last metadata ciflow read said (fetched_at); get_item writes its key by these types. Written by ciflow only; rows go with their connection or a change of its service.';
 COMMENT ON POLICY entity_keys_visible ON ciflow.entity_keys IS
     'A role sees the cached metadata of the connections it may use';
+COMMENT ON FUNCTION ciflow.get_item(text, text, text, text) IS
+    'Action: one row of an entity by key as jsonb, or NULL; the key is written by its Edm type. One call, two the first time ciflow meets the entity (its metadata gives the key''s type).';
