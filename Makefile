@@ -13,6 +13,7 @@ OBJS = \
 	src/edm.o \
 	src/csdl.o \
 	src/servicemeta.o \
+	src/entitykeys.o \
 	src/actions.o \
 	src/paging.o \
 	src/pageparse.o \

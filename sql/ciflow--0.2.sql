@@ -804,3 +804,43 @@ COMMENT ON FUNCTION ciflow.alter_job(bigint, boolean, interval, text) IS
     'Pauses, resumes or reschedules a job';
 COMMENT ON FUNCTION ciflow.worker_status() IS
     'The launcher''s state, its running children and its last error';
+
+-- ---------------------------------------------------------------------
+-- 0.2 (keys): what ciflow remembers of each entity's metadata.
+-- This block ends both ciflow--0.2.sql and ciflow--0.1--0.2.sql, verbatim.
+-- ---------------------------------------------------------------------
+
+/*
+ * A cache, written only by ciflow's C code (src/entitykeys.c) as the
+ * extension's owner: every metadata read (a sync's, describe_entity's,
+ * get_entities' on Customer Insights, get_item's own on a miss) leaves the
+ * entity's key and the Edm types of its properties here, so that get_item
+ * writes its key's literal by type in one call.  Not dumped: a restored
+ * database learns it again from the service.
+ */
+CREATE TABLE ciflow.entity_keys (
+    connection      text NOT NULL
+                    REFERENCES ciflow.connection_settings (name) ON DELETE CASCADE,
+    entity          text NOT NULL,
+    key_names       text[] NOT NULL,
+    key_types       text[] NOT NULL,
+    property_types  jsonb NOT NULL,
+    fetched_at      timestamptz NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (connection, entity),
+    CHECK (cardinality(key_names) = cardinality(key_types)),
+    CHECK (jsonb_typeof(property_types) = 'object')
+);
+
+-- A role granted SELECT sees the entities of the connections it may use.
+ALTER TABLE ciflow.entity_keys ENABLE ROW LEVEL SECURITY;
+CREATE POLICY entity_keys_visible ON ciflow.entity_keys FOR SELECT
+    USING (ciflow.connection_usable_by(connection, current_user));
+
+REVOKE ALL ON ciflow.entity_keys FROM PUBLIC;
+
+COMMENT ON TABLE ciflow.entity_keys IS
+    'Cache of each entity''s key and property types, as the last metadata ciflow read said (fetched_at); get_item writes its key by these types. Written by ciflow only; rows go with their connection or a change of its service.';
+COMMENT ON POLICY entity_keys_visible ON ciflow.entity_keys IS
+    'A role sees the cached metadata of the connections it may use';
+COMMENT ON FUNCTION ciflow.get_item(text, text, text, text) IS
+    'Action: one row of an entity by key as jsonb, or NULL; the key is written by its Edm type. One call, two the first time ciflow meets the entity (its metadata gives the key''s type).';

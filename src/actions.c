@@ -2,10 +2,12 @@
  *
  * actions.c
  *	  The actions: get_entities, get_items and get_item, answered in the
- *	  calling session and in its transaction; nothing is written.  Each is
- *	  one call to the service, except get_item on an OData or Dataverse
- *	  connection, which first reads $metadata to write the key's literal
- *	  by its type (Customer Insights keys are strings: quoted, one call).
+ *	  calling session and in its transaction.  Each is one call to the
+ *	  service.  get_item writes its key's literal by the key's Edm type,
+ *	  which it takes from what ciflow remembers of the entity's metadata
+ *	  (entitykeys.c); only for an entity it knows nothing of does it read
+ *	  the metadata first (a second call).  The only writes are to that
+ *	  cache, and never fail an action.
  *
  *	  describe_entity shows an entity set's shape as $metadata gives it
  *	  (the columns a sync makes of it), for every flavour.
@@ -29,6 +31,7 @@
 #include "connection.h"
 #include "convert.h"
 #include "edm.h"
+#include "entitykeys.h"
 #include "odata.h"
 #include "request.h"
 #include "servicemeta.h"
@@ -146,6 +149,7 @@ GetEntitiesBody(FunctionCallInfo fcinfo, const char *failmsg)
 	json_t	   *root;
 	json_t	   *entities;
 	json_t	   *entity;
+	CiflowEntityKeys **remember;
 	size_t		i;
 
 	InitMaterializedSRF(fcinfo, 0);
@@ -166,6 +170,7 @@ GetEntitiesBody(FunctionCallInfo fcinfo, const char *failmsg)
 				 errmsg("%s", failmsg),
 				 errdetail("The answer has no \"entities\" array.")));
 
+	remember = palloc0(sizeof(CiflowEntityKeys *) * Max(json_array_size(entities), 1));
 	json_array_foreach(entities, i, entity)
 	{
 		Datum		values[7];
@@ -190,7 +195,10 @@ GetEntitiesBody(FunctionCallInfo fcinfo, const char *failmsg)
 		values[5] = CiflowConvert(&jsonb_conv, json_object_get(entity, "keys"), &nulls[5]);
 		values[6] = CiflowConvert(&ts_conv, json_object_get(entity, "refreshTime"), &nulls[6]);
 		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+		remember[i] = CiflowEntityKeysFromE2(entity);
 	}
+	/* Every entity's keys and types came along: get_item needs no call for them. */
+	CiflowEntityKeysRemember(conn->name, remember, (int) json_array_size(entities));
 	return (Datum) 0;
 }
 
@@ -275,41 +283,80 @@ ciflow_get_items(PG_FUNCTION_ARGS)
 }
 
 /*
- * The key's literal.  OData and Dataverse: by the key property's Edm type
- * in $metadata (42703 when the entity set has no such property), so that
- * an Edm.Int32 or Edm.Guid key is written unquoted.  Customer Insights:
- * quoted, as its keys are strings, without a second call.
+ * The entity's metadata, read from the service (one call: E2 for Customer
+ * Insights, $metadata for the others) and remembered.
  */
-static char *
-KeyLiteral(const CiflowConnection *conn, const char *entity, const char *key_name,
-		   const char *key_value, const char *failmsg)
+static CiflowEntityKeys *
+FetchEntityKeys(const CiflowConnection *conn, const char *entity, const char *failmsg)
 {
-	CiflowCsdlEntity *shape;
-	int			p;
+	CiflowEntityKeys *keys;
 
 	if (conn->flavor == CIFLOW_FLAVOR_CUSTOMER_INSIGHTS)
-		return CiflowEdmLiteral("Edm.String", key_value);
+		keys = CiflowEntityKeysFromShape(entity, CiflowFetchE2Shape(conn, entity, failmsg, NULL));
+	else
+		keys = CiflowEntityKeysFromCsdl(entity, CiflowFetchCsdlEntity(conn, entity, failmsg, NULL));
+	CiflowEntityKeysRemember(conn->name, &keys, 1);
+	return keys;
+}
 
-	shape = CiflowFetchCsdlEntity(conn, entity, failmsg, NULL);
-	p = CiflowCsdlFindProperty(shape, key_name);
-	if (p < 0)
-	{
-		StringInfoData keys;
-		int			k;
+/*
+ * The Edm type of key_name: what ciflow remembers of the entity, else
+ * (nothing remembered, or nothing of that property: the metadata may have
+ * changed since) what the service's metadata says now, which costs a call
+ * and is remembered.  key_name need not be the key: any property's type
+ * is known.  One the metadata does not have is 42703, before the call
+ * the service would refuse.
+ */
+static const char *
+KeyType(const CiflowConnection *conn, const char *entity, const char *key_name,
+		const char *failmsg, bool *remembered)
+{
+	CiflowEntityKeys *keys = CiflowEntityKeysLookup(conn->name, entity);
+	const char *edm = keys ? CiflowEntityKeysTypeOf(keys, key_name) : NULL;
 
-		initStringInfo(&keys);
-		for (k = 0; k < shape->nkeys; k++)
-			appendStringInfo(&keys, "%s%s", k > 0 ? ", " : "",
-							 shape->properties[shape->keys[k]].name);
+	*remembered = (edm != NULL);
+	if (edm != NULL)
+		return edm;
+	keys = FetchEntityKeys(conn, entity, failmsg);
+	edm = CiflowEntityKeysTypeOf(keys, key_name);
+	if (edm == NULL)
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_COLUMN),
 				 errmsg("%s", failmsg),
-				 errdetail("Entity type %s has no property \"%s\".", shape->entity_type, key_name),
-				 errhint("Its key is %s; pass it as key_name.", keys.data)));
-	}
-	return CiflowEdmLiteral(shape->properties[p].edm_type, key_value);
+				 errdetail("The metadata of entity \"%s\" has no property \"%s\".", entity, key_name),
+				 errhint("Its key is %s; pass it as key_name.", CiflowEntityKeysList(keys))));
+	return edm;
 }
 
+/* The request of one row: $filter=<key_name> eq <literal>&$top=1. */
+static void
+ItemRequest(CiflowRequest *req, const CiflowConnection *conn, const char *entity,
+			const char *key_name, const char *literal, const char *failmsg)
+{
+	StringInfoData query;
+
+	initStringInfo(&query);
+	CiflowAppendQuery(&query, "$filter", psprintf("%s eq %s", key_name, literal));
+	CiflowAppendQuery(&query, "$top", "1");
+	memset(req, 0, sizeof(*req));
+	req->conn = conn;
+	req->url = CiflowUrlWithQuery(CiflowDataUrl(conn, entity), query.data);
+	req->api_call = true;
+	req->failmsg = failmsg;
+	req->not_found_hint = "Check the entity's name with ciflow.get_entities().";
+}
+
+/*
+ * get_item: one call when the key's type is remembered (the normal case:
+ * any sync, describe_entity or get_entities of the entity, or an earlier
+ * get_item, told ciflow), two for an entity ciflow knows nothing of.  The
+ * literal is written by type (edm.c) and checked before any call.
+ *
+ * A remembered type may be out of date.  A 400 to a literal written by
+ * one is followed by a fresh read of the metadata; if that gives the key
+ * another type the row is asked again with the new literal, else the 400
+ * stands.
+ */
 static Datum
 GetItemBody(FunctionCallInfo fcinfo, const char *failmsg)
 {
@@ -318,13 +365,16 @@ GetItemBody(FunctionCallInfo fcinfo, const char *failmsg)
 	char	   *key_value = CiflowTextArg(fcinfo, 2);
 	char	   *key_name = CiflowTextArg(fcinfo, 3);
 	CiflowConnection *conn;
-	StringInfoData query;
+	CiflowRequest req;
+	CiflowResponse resp;
+	const char *edm;
+	bool		remembered;
 	json_t	   *rows;
 
-	RequireArg(name, "connection");
-	RequireArg(entity, "entity");
 	/* Its default is CustomerId; an explicit NULL is a mistake, not "any". */
 	RequireArg(key_name, "key_name");
+	RequireArg(name, "connection");
+	RequireArg(entity, "entity");
 	if (!IsODataIdentifier(key_name))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
@@ -333,12 +383,29 @@ GetItemBody(FunctionCallInfo fcinfo, const char *failmsg)
 				 errhint("Use ciflow.get_items with filter => ... for anything else.")));
 	conn = CiflowGetConnection(name);
 
-	initStringInfo(&query);
-	CiflowAppendQuery(&query, "$filter",
-					  psprintf("%s eq %s", key_name,
-							   KeyLiteral(conn, entity, key_name, key_value, failmsg)));
-	CiflowAppendQuery(&query, "$top", "1");
-	rows = FetchOnePage(conn, entity, query.data, failmsg);
+	edm = KeyType(conn, entity, key_name, failmsg, &remembered);
+	ItemRequest(&req, conn, entity, key_name, CiflowEdmLiteral(edm, key_value), failmsg);
+	req.return_refusal = remembered;
+	resp = CiflowRequestPerform(&req);
+	if (resp.status >= 400)
+	{
+		if (resp.status == 400)
+		{
+			CiflowEntityKeys *fresh = FetchEntityKeys(conn, entity, failmsg);
+			const char *now = CiflowEntityKeysTypeOf(fresh, key_name);
+
+			if (now != NULL && pg_strcasecmp(now, edm) != 0)
+			{
+				ItemRequest(&req, conn, entity, key_name, CiflowEdmLiteral(now, key_value),
+							failmsg);
+				resp = CiflowRequestPerform(&req);
+			}
+		}
+		if (resp.status >= 400)
+			CiflowRaiseRefusal(&req, &resp);
+	}
+	rows = CiflowPageRows(CiflowParseJson(resp.body, resp.len, failmsg), failmsg);
+	pfree(resp.body);
 	if (json_array_size(rows) == 0)
 	{
 		fcinfo->isnull = true;
@@ -350,8 +417,11 @@ GetItemBody(FunctionCallInfo fcinfo, const char *failmsg)
 Datum
 ciflow_get_item(PG_FUNCTION_ARGS)
 {
-	/* No key, no row, and no call. */
-	if (PG_ARGISNULL(2))
+	/*
+	 * No key, no row, and no call; but a NULL key_name is an error even
+	 * then (GetItemBody raises it).
+	 */
+	if (PG_ARGISNULL(2) && !PG_ARGISNULL(3))
 		PG_RETURN_NULL();
 	return RunAction(fcinfo, GetItemBody, ReadFailMessage(fcinfo));
 }
@@ -360,7 +430,8 @@ ciflow_get_item(PG_FUNCTION_ARGS)
  * describe_entity(connection, entity): one row per property of the entity
  * set's type in $metadata, base types' first: name, Edm type (aliases
  * resolved), the column type a sync gives it, nullability, and its
- * position in the key (NULL when not a key property).  One call.
+ * position in the key (NULL when not a key property).  One call; what it
+ * read is remembered for get_item.
  */
 static Datum
 DescribeEntityBody(FunctionCallInfo fcinfo, const char *failmsg)
@@ -370,6 +441,7 @@ DescribeEntityBody(FunctionCallInfo fcinfo, const char *failmsg)
 	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
 	CiflowConnection *conn;
 	CiflowCsdlEntity *shape;
+	CiflowEntityKeys *keys;
 	int			i;
 
 	RequireArg(name, "connection");
@@ -377,6 +449,8 @@ DescribeEntityBody(FunctionCallInfo fcinfo, const char *failmsg)
 	conn = CiflowGetConnection(name);
 	InitMaterializedSRF(fcinfo, MAT_SRF_USE_EXPECTED_DESC);
 	shape = CiflowFetchCsdlEntity(conn, entity, failmsg, NULL);
+	keys = CiflowEntityKeysFromCsdl(entity, shape);
+	CiflowEntityKeysRemember(conn->name, &keys, 1);
 	for (i = 0; i < shape->nproperties; i++)
 	{
 		const CiflowCsdlProperty *p = &shape->properties[i];

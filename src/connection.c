@@ -39,6 +39,7 @@
 #include "catalog.h"
 #include "ciflow.h"
 #include "connection.h"
+#include "entitykeys.h"
 #include "http.h"
 #include "ratelimit.h"
 
@@ -597,6 +598,28 @@ CheckSecretsFollow(const ConnValues *stored, const ConnValues *changes,
 	}
 }
 
+/*
+ * Whether the connection now reaches another service (or the same one
+ * read another way), whose entities' remembered keys may not hold.
+ */
+static bool
+ServiceChanged(const ConnValues *stored, const ConnValues *merged)
+{
+	static const ConnArg service_args[] = {ARG_BASE_URL, ARG_INSTANCE_ID, ARG_FLAVOR};
+	int			i;
+
+	for (i = 0; i < (int) lengthof(service_args); i++)
+	{
+		const char *before = stored->v[service_args[i]];
+		const char *after = merged->v[service_args[i]];
+
+		if ((before == NULL) != (after == NULL) ||
+			(before != NULL && strcmp(before, after) != 0))
+			return true;
+	}
+	return false;
+}
+
 Datum
 ciflow_alter_connection(PG_FUNCTION_ARGS)
 {
@@ -632,6 +655,8 @@ ciflow_alter_connection(PG_FUNCTION_ARGS)
 	ValidateSettings(&cv);
 	CheckSecretsFollow(&stored, &changes, &cv);
 	StoreValues(&cv, true);
+	if (ServiceChanged(&stored, &cv))
+		CiflowEntityKeysForget(cv.v[ARG_NAME]);
 	WipeValues(&cv);
 	WipeValues(&stored);
 	WipeValues(&changes);

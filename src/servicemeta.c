@@ -4,7 +4,8 @@
  *	  Fetching what an OData service says about itself (A.7): its service
  *	  document (the entity sets, for get_entities) and its CSDL $metadata
  *	  (one entity set's properties, types and key, for get_item and sync),
- *	  for every flavour, since Customer Insights serves both as well.
+ *	  for every flavour, since Customer Insights serves both as well; and
+ *	  Customer Insights' own entity metadata (E2).
  *
  *	  The calls go through request.c like every other; the XML is read by
  *	  csdl.c.  Nothing here writes anything.
@@ -116,4 +117,43 @@ CiflowFetchCsdlEntity(const CiflowConnection *conn, const char *entity_set,
 	entity = CiflowCsdlReadEntity(resp.body, resp.len, entity_set, failmsg);
 	pfree(resp.body);
 	return entity;
+}
+
+/* E2 for one entity; the answer may also be a list. */
+CiflowShape *
+CiflowFetchE2Shape(const CiflowConnection *conn, const char *entity, const char *failmsg,
+				   CiflowCallStats *stats)
+{
+	CiflowRequest req;
+	json_t	   *meta;
+	json_t	   *list;
+
+	memset(&req, 0, sizeof(req));
+	req.conn = conn;
+	req.url = CiflowEntitiesUrl(conn, entity);
+	req.api_call = true;
+	req.failmsg = failmsg;
+	req.not_found_hint = "Check the entity's name with ciflow.get_entities().";
+	req.stats = stats;
+	meta = CiflowRequestJson(&req);
+
+	list = json_object_get(meta, "entities");
+	if (json_is_array(list))
+	{
+		json_t	   *e;
+		size_t		i;
+
+		json_array_foreach(list, i, e)
+		{
+			const char *name = CiflowJsonString(e, "qualifiedEntityName");
+
+			if (name && strcmp(name, entity) == 0)
+				return CiflowShapeFromMetadata(e, failmsg);
+		}
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("%s", failmsg),
+				 errdetail("The service's metadata does not list entity \"%s\".", entity)));
+	}
+	return CiflowShapeFromMetadata(meta, failmsg);
 }

@@ -14,6 +14,7 @@
 #include "connection.h"
 #include "csdl.h"
 #include "request.h"
+#include "shape.h"
 
 /* One entity set of the service document. */
 typedef struct CiflowEntitySet
@@ -39,5 +40,13 @@ extern CiflowCsdlEntity *CiflowFetchCsdlEntity(const CiflowConnection *conn,
 											   const char *entity_set,
 											   const char *failmsg,
 											   CiflowCallStats *stats);
+
+/*
+ * The shape of one Customer Insights entity, read from its E2 metadata:
+ * one call.  42704 when the answer is a list without the entity.
+ */
+extern CiflowShape *CiflowFetchE2Shape(const CiflowConnection *conn,
+									   const char *entity, const char *failmsg,
+									   CiflowCallStats *stats);
 
 #endif							/* CIFLOW_SERVICEMETA_H */

@@ -5,7 +5,8 @@
  *
  *	  record the run -> lock the target's name, sweep what dead runs left,
  *	  check the target's rules and the caller's privileges -> read the
- *	  entity's metadata -> plan (full, incremental, or nothing to fetch)
+ *	  entity's metadata (its key remembered for get_item) -> plan (full,
+ *	  incremental, or nothing to fetch)
  *	  -> prepare the target and the staging heap -> page after page: fetch
  *	  (no transaction open), load (one short transaction per page,
  *	  progress included) -> publish the difference and record the end (one
@@ -40,6 +41,7 @@
 
 #include "apply.h"
 #include "connection.h"
+#include "entitykeys.h"
 #include "load.h"
 #include "odata.h"
 #include "paging.h"
@@ -100,45 +102,6 @@ CommitXact(MemoryContext back_to)
 	MemoryContextSwitchTo(back_to);
 }
 
-/* The entity's metadata (E2, one entity); the answer may also be a list. */
-static CiflowShape *
-FetchE2Shape(const CiflowConnection *conn, const char *entity, const char *failmsg,
-			 CiflowCallStats *stats)
-{
-	CiflowRequest req;
-	json_t	   *meta;
-	json_t	   *list;
-
-	memset(&req, 0, sizeof(req));
-	req.conn = conn;
-	req.url = CiflowEntitiesUrl(conn, entity);
-	req.api_call = true;
-	req.failmsg = failmsg;
-	req.not_found_hint = "Check the entity's name with ciflow.get_entities().";
-	req.stats = stats;
-	meta = CiflowRequestJson(&req);
-
-	list = json_object_get(meta, "entities");
-	if (json_is_array(list))
-	{
-		json_t	   *e;
-		size_t		i;
-
-		json_array_foreach(list, i, e)
-		{
-			const char *name = CiflowJsonString(e, "qualifiedEntityName");
-
-			if (name && strcmp(name, entity) == 0)
-				return CiflowShapeFromMetadata(e, failmsg);
-		}
-		ereport(ERROR,
-				(errcode(ERRCODE_UNDEFINED_OBJECT),
-				 errmsg("%s", failmsg),
-				 errdetail("The service's metadata does not list entity \"%s\".", entity)));
-	}
-	return CiflowShapeFromMetadata(meta, failmsg);
-}
-
 /*
  * The entity's shape per flavour (sql-api.md section 3): E2 for Customer
  * Insights, the entity set's CSDL in $metadata (A.7) for the others.
@@ -148,7 +111,7 @@ FetchShape(const CiflowConnection *conn, const char *entity, const char *failmsg
 		   CiflowCallStats *stats)
 {
 	if (conn->flavor == CIFLOW_FLAVOR_CUSTOMER_INSIGHTS)
-		return FetchE2Shape(conn, entity, failmsg, stats);
+		return CiflowFetchE2Shape(conn, entity, failmsg, stats);
 	return CiflowShapeFromCsdl(CiflowFetchCsdlEntity(conn, entity, failmsg, stats),
 							   failmsg);
 }
@@ -633,6 +596,7 @@ CiflowSyncExecute(const CiflowSyncArgs *args, CiflowRunState *run)
 	{
 		CiflowConnection *conn;
 		CiflowShape *shape;
+		CiflowEntityKeys *keys;
 		CiflowLoader *loader;
 		Relation	staging;
 		SyncPlan	plan;
@@ -666,6 +630,9 @@ CiflowSyncExecute(const CiflowSyncArgs *args, CiflowRunState *run)
 		CiflowShapeSelect(shape, args->fields);
 
 		BeginXact();
+		/* What the metadata said spares get_item a call of its own. */
+		keys = CiflowEntityKeysFromShape(args->entity, shape);
+		CiflowEntityKeysRemember(conn->name, &keys, 1);
 		/* The plan (its $filter) outlives this transaction. */
 		MemoryContextSwitchTo(run_cxt);
 		PlanRun(args, conn, shape, target, &plan);

@@ -113,6 +113,27 @@ def test_filter_errors_are_400(emu, expr, fragment):
     assert fragment in r.json["error"]["message"]
 
 
+def test_key_literals_must_have_the_key_type(emu):
+    """get_item's contract: an integer key unquoted (exact beyond 2^53), a
+    quoted one refused, a string key quoted, an unquoted one refused."""
+    big = 2 ** 53 + 1
+    guid = "0000000a-0000-4000-8000-00000000000b"
+    rows = [{"TransactionId": big, "Label": "big", "Ref": guid},
+            {"TransactionId": big - 1, "Label": "7", "Ref": None}]
+    emu.control("POST", "entities/Store_Transaction", {
+        "entityType": "activity",
+        "attributes": [{"name": "TransactionId", "dataType": "Edm.Int64"},
+                       {"name": "Label", "dataType": "Edm.String"},
+                       {"name": "Ref", "dataType": "Edm.Guid"}],
+        "keys": [["TransactionId"]], "rows": rows})
+    assert q(emu, "Store_Transaction", "$filter=TransactionId eq %d" % big) == [rows[0]]
+    assert q(emu, "Store_Transaction", "$filter=Label eq '7'") == [rows[1]]
+    assert q(emu, "Store_Transaction", "$filter=Ref eq %s" % guid) == [rows[0]]
+    for expr in ("TransactionId eq '%d'" % big, "Label eq 7"):
+        r = get(emu, DATA + "Store_Transaction?$filter=" + expr)
+        assert r.status == 400 and "incompatible types" in r.json["error"]["message"], (expr, r)
+
+
 def test_filter_and_search_on_source_entity_are_400(emu):
     r = get(emu, DATA + "RetailPos_Transactions?$filter=StoreId eq 101")
     assert r.status == 400 and "source entity" in r.json["error"]["message"]

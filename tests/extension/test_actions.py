@@ -160,24 +160,49 @@ def test_expand(ciflow_db, ci_connection, emulator):
     assert all(isinstance(r.get("UnifiedActivity"), list) for r in rows)
 
 
+def item_calls(emu):
+    """The API requests of get_items so far, as (kind, $filter): kind is
+    'metadata' for E2 or $metadata, 'data' for the row request."""
+    out = []
+    for c in api_requests(emu):
+        if "/manage/entities" in c["path"] or c["path"].endswith("$metadata"):
+            out.append(("metadata", None))
+        else:
+            out.append(("data", query_of(c).get("$filter")))
+    return out
+
+
+def get_item(db, entity, key, key_name=None, conn="emu"):
+    named = ", key_name => %s" if key_name is not None else ""
+    params = (conn, entity, key) + ((key_name,) if key_name is not None else ())
+    return db.sql(f"SELECT ciflow.get_item(%s, %s, %s{named})", params)[0][0]
+
+
 def test_get_item_found(ciflow_db, contacts, emulator):
-    row = ciflow_db.sql(
-        "SELECT ciflow.get_item('emu', 'Contact', 'c07', key_name => 'ContactId')")[0][0]
+    row = get_item(ciflow_db, "Contact", "c07", "ContactId")
     assert strip_annotations(row) == CONTACT_ROWS[7]
-    assert query_of(only_call(emulator))["$filter"] == "ContactId eq 'c07'"
+    # ciflow knew nothing of Contact: its metadata (E2) first, then the row.
+    assert item_calls(emulator) == [("metadata", None), ("data", "ContactId eq 'c07'")]
+    emulator.clear_log()
+    row = get_item(ciflow_db, "Contact", "c08", "ContactId")
+    assert strip_annotations(row) == CONTACT_ROWS[8]
+    assert query_of(only_call(emulator))["$filter"] == "ContactId eq 'c08'"
 
 
 def test_get_item_quotes_the_key(ciflow_db, contacts, emulator):
-    row = ciflow_db.sql("SELECT ciflow.get_item('emu', 'Contact', %s, key_name => 'ContactId')",
-                        ("o'neil",))[0][0]
+    row = get_item(ciflow_db, "Contact", "o'neil", "ContactId")
+    assert strip_annotations(row) == CONTACT_ROWS[-1]
+    assert item_calls(emulator)[-1] == ("data", "ContactId eq 'o''neil'")
+    # The same once the key's type is remembered: one call, still quoted.
+    emulator.clear_log()
+    row = get_item(ciflow_db, "Contact", "o'neil", "ContactId")
     assert strip_annotations(row) == CONTACT_ROWS[-1]
     assert query_of(only_call(emulator))["$filter"] == "ContactId eq 'o''neil'"
 
 
 def test_get_item_absent_is_null(ciflow_db, contacts, emulator):
-    assert ciflow_db.sql(
-        "SELECT ciflow.get_item('emu', 'Contact', 'nobody', key_name => 'ContactId')")[0][0] is None
-    only_call(emulator)
+    assert get_item(ciflow_db, "Contact", "nobody", "ContactId") is None
+    assert item_calls(emulator) == [("metadata", None), ("data", "ContactId eq 'nobody'")]
 
 
 def test_get_item_default_key_is_customer_id(ciflow_db, ci_connection, emulator):
@@ -191,7 +216,7 @@ def test_get_item_default_key_is_customer_id(ciflow_db, ci_connection, emulator)
     emulator.clear_log()
     row = ciflow_db.sql("SELECT ciflow.get_item('emu', 'Customer', '43')")[0][0]
     assert strip_annotations(row) == {"CustomerId": "43", "FullName": "John Roe"}
-    assert query_of(only_call(emulator))["$filter"] == "CustomerId eq '43'"
+    assert item_calls(emulator) == [("metadata", None), ("data", "CustomerId eq '43'")]
 
 
 def test_unknown_entity_is_404(ciflow_db, ci_connection, emulator):
