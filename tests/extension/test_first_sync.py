@@ -20,15 +20,14 @@ once (issue 12: "as COPY into an empty table, then index").
 """
 
 import threading
-import time
 
 import pytest
 
 from harness import wait_for
-from extension.cihelpers import (primary_key_columns, raises_sqlstate, session,
-                                 sigkill_and_recover, sync)
+from extension.cihelpers import primary_key_columns, raises_sqlstate, session, sync
 from extension.test_resync_diff import ENTITY, PERSON, person
-from extension.test_sync_interrupts import SLOW_MATCH, SLOW_PAGE, sync_workers
+from extension.test_sync_interrupts import (SLOW_MATCH, SLOW_PAGE, kill_after_two_pages,
+                                            sync_workers, two_pages_loaded)
 
 TABLE = "emu.person"
 
@@ -151,23 +150,9 @@ def test_cancelled_first_sync_leaves_no_table(ciflow_db, ci_connection, emulator
 
 
 def test_target_created_meanwhile_is_refused_and_kept(ciflow_db, ci_connection, emulator):
-    emulator.add_fault(SLOW_MATCH, {"delay_ms": 2000})
-    result = []
-
-    def run():
-        try:
-            result.append(sync(ciflow_db, "emu", "Customer"))
-        except Exception as exc:  # noqa: BLE001 - checked below
-            result.append(exc)
-    thread = threading.Thread(target=run)
-    thread.start()
-    try:
-        wait_for(lambda: ciflow_db.sql("SELECT pages FROM ciflow.sync_progress") == [(2,)],
-                 timeout=15, what="two pages loaded")
+    with two_pages_loaded(ciflow_db, emulator, 2000) as result:
         ciflow_db.sql("CREATE TABLE emu.customer (mine int)")
         ciflow_db.sql("INSERT INTO emu.customer VALUES (1)")
-    finally:
-        thread.join(30)
     err = result[0]
     assert getattr(err, "pgcode", None) == "42P07", err
     assert "was created while the sync ran" in str(err)
@@ -178,21 +163,8 @@ def test_target_created_meanwhile_is_refused_and_kept(ciflow_db, ci_connection, 
 
 def test_killed_first_sync_leaves_the_hidden_table_to_the_next_run(private_ciflow, emulator):
     pg = private_ciflow
-    emulator.add_fault(SLOW_MATCH, SLOW_PAGE)
-
-    def caller():
-        try:
-            pg.sql("SELECT * FROM ciflow.sync('emu', 'Customer', target => 'emu.fresh')")
-        except Exception:  # noqa: BLE001 - the server goes through crash recovery
-            pass
-    thread = threading.Thread(target=caller)
-    thread.start()
-    pid = wait_for(lambda: (sync_workers(pg) or [[None]])[0][0], timeout=10,
-                   what="the sync worker")
-    wait_for(lambda: pg.sql("SELECT pages FROM ciflow.sync_runs WHERE status = 'running'")
-             == [(2,)], timeout=10, what="two pages loaded")
-    sigkill_and_recover(pg, pid)
-    thread.join(30)
+    kill_after_two_pages(pg, emulator, "SELECT * FROM ciflow.sync('emu', 'Customer',"
+                                       " target => 'emu.fresh')")
 
     # A logged hidden table survives the crash with the pages whose commit
     # reached the disk (page transactions may commit asynchronously); no target.
