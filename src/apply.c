@@ -24,14 +24,21 @@
  *	  of missing keys; only the deletions a delta link reported (staged as
  *	  marked keys) are deleted.
  *
- *	  A first sync creates the table in this transaction, fills it with
- *	  one INSERT and adds the key afterwards (one index build instead of
- *	  200,000 insertions): a failed first sync leaves nothing.
+ *	  A first sync has filled the new target in place (target.c): the
+ *	  publish renames it and builds its key once, no row is copied.  An
+ *	  index build that finds a key twice (23505) is rolled back, the
+ *	  duplicates are dropped and the key built again: duplicates cost
+ *	  nothing when there are none.  Where a publication takes every table
+ *	  of the schema, the target is instead created in this transaction,
+ *	  filled with one INSERT from the unlogged staging heap, and keyed
+ *	  afterwards.  Either way a failed first sync leaves nothing.
  *
  *	  Duplicate keys in the pull (offset paging over changing data) are
- *	  dropped before that, in linear time: a hash aggregate finds the keys
- *	  staged more than once, a hash join deletes every version but the
- *	  last received (the staging heap numbers rows as they arrive).
+ *	  dropped in linear time: a hash aggregate finds the keys staged more
+ *	  than once, a hash join deletes every version but the last received.
+ *	  The staging heap numbers rows as they arrive; in a target filled in
+ *	  place, which only ever had rows appended by one process (the loader
+ *	  skips the free space map), the order of arrival is the ctid's.
  *
  *	  Citus distributed tables take these statements as they are (the
  *	  forms were chosen for that); reference tables need their staging
@@ -106,27 +113,23 @@ ScalarInt8(const char *sql)
 	return isnull ? 0 : DatumGetInt64(d);
 }
 
-/* Keeps the last version received of every key staged more than once. */
+/*
+ * Keeps the last version received of every key staged more than once in
+ * rel, whose column "order" grows in the order of arrival; returns how
+ * many rows went.
+ */
 static int64
-DropDuplicates(const CiflowTarget *t, const CiflowShape *shape)
+DropDuplicates(const char *rel, const CiflowShape *shape, const char *order)
 {
 	char	   *keys = Columns(shape, true, "");
-	const char *seq = quote_identifier(CIFLOW_STAGE_SEQ);
-	int64		dropped;
+	const char *last = quote_identifier(order);
 
-	dropped = ScalarInt8(psprintf("SELECT pg_catalog.sum(n OPERATOR(pg_catalog.-) 1)::pg_catalog.int8"
-								  " FROM (SELECT pg_catalog.count(*) AS n FROM %s GROUP BY %s) AS g"
-								  " WHERE n OPERATOR(pg_catalog.>) 1",
-								  t->staging, keys));
-	if (dropped == 0)
-		return 0;
-	CiflowExecSql(psprintf("DELETE FROM %s AS s USING"
-						   " (SELECT %s, pg_catalog.max(%s) AS last FROM %s GROUP BY %s"
-						   "  HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 1) AS d"
-						   " WHERE %s AND s.%s OPERATOR(pg_catalog.<) d.last",
-						   t->staging, keys, seq, t->staging, keys,
-						   KeysEqual(shape, "s", "d"), seq));
-	return dropped;
+	return (int64) CiflowExecSql(
+		psprintf("DELETE FROM %s AS s USING"
+				 " (SELECT %s, pg_catalog.max(%s) AS last FROM %s GROUP BY %s"
+				 "  HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 1) AS d"
+				 " WHERE %s AND s.%s OPERATOR(pg_catalog.<) d.last",
+				 rel, keys, last, rel, keys, KeysEqual(shape, "s", "d"), last));
 }
 
 /*
@@ -236,20 +239,45 @@ Swap(CiflowTarget *t, const CiflowShape *shape, CiflowApplyCounts *counts)
 	CiflowSwapFinish(t, new_heap);
 }
 
+/*
+ * A target filled in place: renamed, then its key built once; duplicates
+ * are looked for only when that build finds one.
+ */
+static void
+PublishInPlace(CiflowTarget *t, const CiflowShape *shape, int64 staged,
+			   CiflowApplyCounts *counts)
+{
+	CiflowPublishInPlace(t);
+	if (shape->nkeys > 0 && !CiflowTryAddPrimaryKey(t, shape))
+	{
+		counts->duplicates = DropDuplicates(t->qualified, shape, "ctid");
+		CiflowAddPrimaryKey(t, shape);
+	}
+	counts->inserted = staged - counts->duplicates;
+}
+
 void
 CiflowApplyStaged(CiflowTarget *t, const CiflowShape *shape, CiflowPublishMethod method,
-				  CiflowApplyCounts *counts)
+				  int64 staged, CiflowApplyCounts *counts)
 {
 	memset(counts, 0, sizeof(*counts));
 	CiflowBoundLockWaits();
 	SPI_connect();
+	if (t->in_place)
+	{
+		/* Analyzed after the publish, as every target is. */
+		PublishInPlace(t, shape, staged, counts);
+		SPI_finish();
+		return;
+	}
 	if (shape->nkeys > 0)
-		counts->duplicates = DropDuplicates(t, shape);
+		counts->duplicates = DropDuplicates(t->staging, shape, CIFLOW_STAGE_SEQ);
 	/* The joins below are planned from the staged rows' statistics. */
 	CiflowExecSql(psprintf("ANALYZE %s", t->staging));
 
 	if (t->is_new)
 	{
+		/* A publication takes every table of the schema (target.c). */
 		CiflowCreateTarget(t, shape);
 		counts->inserted = InsertAll(t->qualified, t, shape);
 		CiflowAddPrimaryKey(t, shape);
@@ -313,8 +341,10 @@ CiflowStagedMaximum(const CiflowTarget *t, const CiflowShape *shape)
 			return NULL;		/* no order ciflow can resume from */
 	}
 	SPI_connect();
+	/* Once published, the rows filled in place are the target's. */
 	if (CiflowExecSql(psprintf("SELECT %s FROM %s", psprintf(expr, quote_identifier(col->name)),
-							   t->staging)) == 1)
+							   t->in_place && OidIsValid(t->relid) ?
+							   t->qualified : t->staging)) == 1)
 	{
 		char	   *value = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
 

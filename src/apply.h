@@ -29,12 +29,15 @@ typedef struct CiflowApplyCounts
 
 /*
  * In the publishing transaction (which the caller commits with the run's
- * end): de-duplicates the staged rows, then creates and fills a new
- * target, or applies the difference to the existing one.  Lock waits are
- * bounded by lock_timeout (one minute when the session sets none).
+ * end): de-duplicates the staged rows, then makes a new target of them
+ * (target->relid set; the heap filled in place is the target from then
+ * on), or applies the difference to the existing one.  staged is how many
+ * rows the pull staged.  Lock waits are bounded by lock_timeout (one
+ * minute when the session sets none).
  */
 extern void CiflowApplyStaged(CiflowTarget *target, const CiflowShape *shape,
-							  CiflowPublishMethod method, CiflowApplyCounts *counts);
+							  CiflowPublishMethod method, int64 staged,
+							  CiflowApplyCounts *counts);
 
 /* In a transaction: lock waits end (lock_timeout) unless already bounded. */
 extern void CiflowBoundLockWaits(void);

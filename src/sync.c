@@ -6,15 +6,17 @@
  *	  record the run -> lock the target's name, sweep what dead runs left,
  *	  check the target's rules and the caller's privileges -> read the
  *	  entity's metadata (its key remembered for get_item) -> plan (full,
- *	  incremental, or nothing to fetch)
- *	  -> prepare the target and the staging heap -> page after page: fetch
- *	  (no transaction open), load (one short transaction per page,
- *	  progress included) -> publish the difference and record the end (one
+ *	  incremental, or nothing to fetch) -> prepare the target and the
+ *	  staging heap (for a new target, the table that becomes it) -> page
+ *	  after page: fetch (no transaction open), parse, start the next
+ *	  page's request, insert (short transactions, progress included) ->
+ *	  publish the difference, or the new target, and record the end (one
  *	  transaction) -> ANALYZE.
  *
  *	  It manages its own transactions, so it runs where no transaction is
  *	  open: in a background worker (syncworker.c).  Whatever fails, the
- *	  staging heap is dropped, the target is untouched, and the run is
+ *	  staging heap (for a first sync, the table that would have become the
+ *	  target) is dropped, the target is untouched, and the run is
  *	  recorded as failed before the error goes on with the run and phase
  *	  in its DETAIL.  Every check that can fail before a page is fetched
  *	  is made before one is.
@@ -542,17 +544,25 @@ Publish(CiflowTarget *target, const CiflowShape *shape, const SyncPlan *plan,
 	CiflowApplyCounts counts;
 
 	BeginXact();
-	CiflowApplyStaged(target, shape, plan->method, &counts);
+	CiflowApplyStaged(target, shape, plan->method, run->rows, &counts);
 	run->inserted = counts.inserted;
 	run->updated = counts.updated;
 	run->deleted = counts.deleted;
 	/* Only incremental runs keep a watermark: a full one resumes nothing. */
 	if (plan->incremental)
 		run->watermark = MemoryContextStrdup(run_cxt, NextWatermark(target, shape, plan, delta_link));
-	CiflowDropStaging(target);
+	/*
+	 * A target filled in place is the staging heap, renamed: kept.  Should
+	 * this transaction fail, the rename is undone and the error path drops
+	 * the heap as any staging heap.
+	 */
+	if (!target->in_place)
+		CiflowDropStaging(target);
 	CiflowRunSetStaging(run->run_id, InvalidOid);
 	CiflowRunFinish(run, true, NULL);
 	CommitXact(run_cxt);
+	/* Committed: nothing may drop the new target now. */
+	target->staging_relid = InvalidOid;
 	if (counts.duplicates > 0)
 		ereport(WARNING,
 				(errmsg("entity \"%s\" delivered " INT64_FORMAT " duplicate rows; the last version of each key was kept",

@@ -4,19 +4,29 @@
  *	  The table a sync fills, and everything done to it that is not a row
  *	  change: where it may be and who may fill it, its columns (created
  *	  from the shape, extended when the service adds attributes, checked
- *	  for changed types), the unlogged staging heap that receives the
- *	  pages, and the storage swap of publish => 'swap'.
+ *	  for changed types), the staging heap that receives the pages, the
+ *	  publish of a new target, its primary key, and the storage swap of
+ *	  publish => 'swap'.
  *
  *	  Everything here runs as the calling role (the sync worker acts as
  *	  it), through SPI with every identifier quoted; nothing is elevated.
  *	  The row changes of a publish are apply.c's.  This file never talks
  *	  to the service and never touches ciflow's catalog.
  *
- *	  The staging heap is UNLOGGED (a logged one would write the whole
- *	  pull to WAL even when nothing changed) and lives beside the target,
- *	  named from a 64-bit hash of the target's qualified name.  Its OID is
- *	  recorded with the run, so that a run that died (a crash leaves an
- *	  unlogged heap behind, reset to empty) is swept by the next one.
+ *	  The staging heap lives beside the target, named from a 64-bit hash
+ *	  of the target's qualified name.  For an existing target it is
+ *	  UNLOGGED (a logged one would write the whole pull to WAL even when
+ *	  nothing changed).  For a new target it is the target itself, filled
+ *	  in place: a logged table with the target's columns and comments
+ *	  under the staging name, which publish renames to the target before
+ *	  building the primary key once (as COPY into an empty table, then
+ *	  CREATE INDEX would): every row is written once.  Only when a
+ *	  publication covers every table of the schema (FOR ALL TABLES, TABLES
+ *	  IN SCHEMA) is a new target staged unlogged and created at publish,
+ *	  so that logical replication never sees rows of the hidden name.
+ *	  Either way the heap's OID is recorded with the run, so that a run
+ *	  that died (a crash leaves the heap behind, an unlogged one reset to
+ *	  empty) is swept by the next one.
  *
  *-------------------------------------------------------------------------
  */
@@ -46,6 +56,7 @@
 #include "utils/memutils.h"
 #include "utils/rel.h"
 #include "utils/regproc.h"
+#include "utils/resowner.h"
 #include "utils/syscache.h"
 
 #include "target.h"
@@ -267,9 +278,12 @@ CiflowSweepStaging(List *staging_relids)
 			continue;
 		form = (Form_pg_class) GETSTRUCT(tup);
 
-		/* The OID may have been reused since: only ever drop a staging heap. */
+		/*
+		 * The OID may have been reused since: only ever drop a staging heap
+		 * (unlogged, or a new target filled in place, which is logged).
+		 */
 		if (strncmp(NameStr(form->relname), STAGING_PREFIX, strlen(STAGING_PREFIX)) != 0 ||
-			form->relpersistence != RELPERSISTENCE_UNLOGGED)
+			form->relpersistence == RELPERSISTENCE_TEMP)
 		{
 			ReleaseSysCache(tup);
 			continue;
@@ -483,15 +497,52 @@ StagingName(const CiflowTarget *t)
 }
 
 /*
- * Columns are the shape's, plus the order of arrival (for duplicates) and
- * the mark of a deletion (delta pulls).
+ * CREATE TABLE of the shape's columns, as a new target has them, then
+ * extra columns and options.
+ */
+static void
+CreateShapeTable(const char *persistence, const char *qualified, const CiflowShape *shape,
+				 const char *extra, const char *options)
+{
+	StringInfoData sql;
+	int			i;
+
+	initStringInfo(&sql);
+	appendStringInfo(&sql, "CREATE %sTABLE %s (", persistence, qualified);
+	for (i = 0; i < shape->ncolumns; i++)
+		appendStringInfo(&sql, "%s%s", i ? ", " : "", ColumnDefinition(&shape->columns[i]));
+	if (extra != NULL)
+		appendStringInfo(&sql, "%s%s", shape->ncolumns ? ", " : "", extra);
+	appendStringInfo(&sql, ")%s", options);
+	CiflowExecSql(sql.data);
+}
+
+/*
+ * The one definition of a new target: the shape's columns, each commented
+ * with its attribute's name (CiflowRetiredColumns reads the comments).
+ */
+static void
+CreateTargetTable(const char *qualified, const CiflowShape *shape, const char *options)
+{
+	int			i;
+
+	CreateShapeTable("", qualified, shape, NULL, options);
+	for (i = 0; i < shape->ncolumns; i++)
+		CommentColumn(qualified, &shape->columns[i]);
+}
+
+/* autovacuum would only get in the way of a table being loaded. */
+#define STAGING_OPTIONS " WITH (autovacuum_enabled = false)"
+
+/*
+ * A new target is filled in place (it becomes the target at publish);
+ * otherwise the heap's columns are the shape's, plus the order of arrival
+ * (for duplicates) and the mark of a deletion (delta pulls).
  */
 static void
 CreateStaging(CiflowTarget *t, const CiflowShape *shape, Oid nspid)
 {
 	char	   *name = StagingName(t);
-	StringInfoData sql;
-	int			i;
 
 	/* In the run's memory, not SPI's: the name outlives this transaction. */
 	t->staging = MemoryContextStrdup(GetMemoryChunkContext(t),
@@ -503,15 +554,27 @@ CreateStaging(CiflowTarget *t, const CiflowShape *shape, Oid nspid)
 	if (OidIsValid(get_relname_relid(name, get_namespace_oid(t->schema, false))))
 		CiflowExecSql(psprintf("DROP TABLE %s", t->staging));
 
-	initStringInfo(&sql);
-	appendStringInfo(&sql, "CREATE UNLOGGED TABLE %s (", t->staging);
-	for (i = 0; i < shape->ncolumns; i++)
-		appendStringInfo(&sql, "%s, ", ColumnDefinition(&shape->columns[i]));
-	/* autovacuum would only get in the way of a table that lives minutes. */
-	appendStringInfo(&sql, "%s pg_catalog.int8, %s pg_catalog.bool) WITH (autovacuum_enabled = false)",
-					 quote_identifier(CIFLOW_STAGE_SEQ), quote_identifier(CIFLOW_STAGE_DELETED));
-	CiflowExecSql(sql.data);
+	if (t->in_place)
+		CreateTargetTable(t->staging, shape, STAGING_OPTIONS);
+	else
+		CreateShapeTable("UNLOGGED ", t->staging, shape,
+						 psprintf("%s pg_catalog.int8, %s pg_catalog.bool",
+								  quote_identifier(CIFLOW_STAGE_SEQ),
+								  quote_identifier(CIFLOW_STAGE_DELETED)),
+						 STAGING_OPTIONS);
 	t->staging_relid = get_relname_relid(name, nspid);
+}
+
+/*
+ * Whether logical replication would see the rows of a new table of this
+ * schema as soon as they are inserted, under the name they are inserted
+ * with.  A table in no publication is published only once a user adds it
+ * (by then it is the target); these publications take every table.
+ */
+static bool
+SchemaPublishesEveryTable(Oid nspid)
+{
+	return GetAllTablesPublications() != NIL || GetSchemaPublications(nspid) != NIL;
 }
 
 void
@@ -524,6 +587,7 @@ CiflowPrepareTarget(CiflowTarget *t, CiflowShape *shape)
 	nspid = EnsureSchema(t->schema);
 	t->relid = get_relname_relid(t->table, nspid);
 	t->is_new = !OidIsValid(t->relid);
+	t->in_place = t->is_new && !SchemaPublishesEveryTable(nspid);
 	if (!t->is_new)
 	{
 		Relation	rel = table_open(t->relid, AccessShareLock);
@@ -550,27 +614,41 @@ CiflowPrepareTarget(CiflowTarget *t, CiflowShape *shape)
 	SPI_finish();
 }
 
-void
-CiflowCreateTarget(CiflowTarget *t, const CiflowShape *shape)
+/* A first sync's name, taken while it ran: refused, not overwritten. */
+static void
+RefuseTakenName(const CiflowTarget *t)
 {
-	StringInfoData sql;
-	int			i;
-
-	SPI_connect();
 	if (OidIsValid(get_relname_relid(t->table, get_namespace_oid(t->schema, false))))
 		ereport(ERROR,
 				(errcode(ERRCODE_DUPLICATE_TABLE),
 				 errmsg("relation %s was created while the sync ran", t->qualified),
 				 errhint("Sync again: the next run fills the table that now exists.")));
-	initStringInfo(&sql);
-	appendStringInfo(&sql, "CREATE TABLE %s (", t->qualified);
-	for (i = 0; i < shape->ncolumns; i++)
-		appendStringInfo(&sql, "%s%s", i ? ", " : "", ColumnDefinition(&shape->columns[i]));
-	appendStringInfoChar(&sql, ')');
-	CiflowExecSql(sql.data);
-	for (i = 0; i < shape->ncolumns; i++)
-		CommentColumn(t->qualified, &shape->columns[i]);
+}
+
+void
+CiflowCreateTarget(CiflowTarget *t, const CiflowShape *shape)
+{
+	SPI_connect();
+	RefuseTakenName(t);
+	CreateTargetTable(t->qualified, shape, "");
 	t->relid = get_relname_relid(t->table, get_namespace_oid(t->schema, false));
+	SPI_finish();
+}
+
+/*
+ * The heap keeps its OID, its columns' comments and the privileges it was
+ * created with: it is renamed (before the key, so that the key's index is
+ * named after the target) and autovacuum goes back to its defaults.
+ */
+void
+CiflowPublishInPlace(CiflowTarget *t)
+{
+	SPI_connect();
+	RefuseTakenName(t);
+	CiflowExecSql(psprintf("ALTER TABLE %s RENAME TO %s", t->staging,
+						   quote_identifier(t->table)));
+	CiflowExecSql(psprintf("ALTER TABLE %s RESET (autovacuum_enabled)", t->qualified));
+	t->relid = t->staging_relid;
 	SPI_finish();
 }
 
@@ -586,6 +664,46 @@ CiflowAddPrimaryKey(const CiflowTarget *t, const CiflowShape *shape)
 	SPI_connect();
 	CiflowExecSql(psprintf("ALTER TABLE %s ADD PRIMARY KEY (%s)", t->qualified, keys.data));
 	SPI_finish();
+}
+
+/*
+ * As PL/pgSQL runs a block with an EXCEPTION clause: the subtransaction
+ * leaves the memory context and resource owner as they were, whichever
+ * way it ends.  Any error but 23505 goes on.
+ */
+bool
+CiflowTryAddPrimaryKey(const CiflowTarget *t, const CiflowShape *shape)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	ResourceOwner owner = CurrentResourceOwner;
+	volatile bool added = true;
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(cxt);
+	PG_TRY();
+	{
+		CiflowAddPrimaryKey(t, shape);
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(cxt);
+		CurrentResourceOwner = owner;
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(cxt);
+		edata = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(cxt);
+		CurrentResourceOwner = owner;
+		if (edata->sqlerrcode != ERRCODE_UNIQUE_VIOLATION)
+			ReThrowError(edata);
+		FreeErrorData(edata);
+		added = false;
+	}
+	PG_END_TRY();
+	return added;
 }
 
 /*

@@ -2,8 +2,9 @@
  *
  * target.h
  *	  The table a sync writes: where it is and whether the caller may fill
- *	  it, its columns, the staging heap that receives the pages, and the
- *	  storage swap of publish => 'swap'.
+ *	  it, its columns, the staging heap that receives the pages (or, for a
+ *	  new target, the heap that becomes it), and the storage swap of
+ *	  publish => 'swap'.
  *
  *-------------------------------------------------------------------------
  */
@@ -13,7 +14,10 @@
 #include "nodes/pg_list.h"
 #include "shape.h"
 
-/* The staging heap's extra column: the order in which rows arrived. */
+/*
+ * The staging heap's extra column: the order in which rows arrived.  A
+ * new target filled in place has neither extra column.
+ */
 #define CIFLOW_STAGE_SEQ "ciflow.seq"
 
 /*
@@ -28,8 +32,9 @@ typedef struct CiflowTarget
 	char	   *table;
 	char	   *qualified;		/* "schema.table", quoted as needed */
 	Oid			relid;			/* the target, once it exists */
-	bool		is_new;			/* created by this run's publish */
-	Oid			staging_relid;	/* unlogged heap receiving the pages */
+	bool		is_new;			/* created by this run */
+	bool		in_place;		/* new, and the staging heap becomes it */
+	Oid			staging_relid;	/* heap receiving the pages */
 	char	   *staging;		/* its qualified, quoted name */
 	bool		name_locked;	/* holds the run's lock on the name */
 } CiflowTarget;
@@ -67,7 +72,12 @@ extern void CiflowSweepStaging(List *staging_relids);
  * In a transaction, before any page: creates the schema if needed, adds
  * columns for attributes the service added, refuses changed types (but
  * keeps loading a jsonb column of an earlier sync as jsonb, changing the
- * shape to say so), and creates the (unlogged) staging heap.
+ * shape to say so), and creates the staging heap: for an existing target
+ * an unlogged one with the extra columns above; for a new target the
+ * table that publish renames to the target (logged, the target's columns
+ * and comments, autovacuum off while it is loaded), unless a publication
+ * would see every table of the schema (in_place false: then an unlogged
+ * heap as for an existing target, and publish creates the target).
  */
 extern void CiflowPrepareTarget(CiflowTarget *target, CiflowShape *shape);
 
@@ -85,11 +95,21 @@ extern void CiflowCheckColumns(const CiflowTarget *target, const CiflowShape *sh
  */
 extern List *CiflowRetiredColumns(const CiflowTarget *target, const CiflowShape *shape);
 
-/* In the publishing transaction: creates the new target (no key yet). */
+/*
+ * In the publishing transaction: creates the new target (no key yet), or
+ * makes the heap filled in place the target (renamed, autovacuum reset);
+ * both refuse (42P07) a name taken while the sync ran.
+ */
 extern void CiflowCreateTarget(CiflowTarget *target, const CiflowShape *shape);
+extern void CiflowPublishInPlace(CiflowTarget *target);
 
-/* ... and, once it is filled, its primary key. */
+/*
+ * ... and, once it is filled, its primary key.  The Try form builds it in
+ * a subtransaction and returns false, having rolled it back, when the
+ * rows hold a key twice (23505).
+ */
 extern void CiflowAddPrimaryKey(const CiflowTarget *target, const CiflowShape *shape);
+extern bool CiflowTryAddPrimaryKey(const CiflowTarget *target, const CiflowShape *shape);
 
 /*
  * publish => 'swap': refuses (with a HINT) a target whose storage cannot
@@ -103,7 +123,10 @@ extern void CiflowSwapFinish(CiflowTarget *target, Oid new_heap);
 /* In a transaction of its own: fresh statistics for the planner. */
 extern void CiflowAnalyzeTarget(const CiflowTarget *target);
 
-/* In a transaction: drops the run's staging heap, if any. */
+/*
+ * In a transaction: drops the run's staging heap, if any (by name: a heap
+ * that publish renamed to the target is never dropped).
+ */
 extern void CiflowDropStaging(CiflowTarget *target);
 
 /* Runs one statement of ciflow's own through SPI (connected by the caller). */

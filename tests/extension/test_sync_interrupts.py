@@ -9,13 +9,13 @@
   cluster of its own, because crash recovery ends every session.
 """
 
-import os
-import signal
 import threading
 import time
 
+from contextlib import contextmanager
+
 from harness import wait_for
-from extension.cihelpers import raises_sqlstate, session, sync, table_md5, wait_up
+from extension.cihelpers import raises_sqlstate, session, sigkill_and_recover, sync, table_md5
 
 # Page 3 (the one asking $skip=200) answers only after this long.
 SLOW_PAGE = {"delay_ms": 8000}
@@ -51,17 +51,17 @@ def test_cancel_stops_the_worker_and_records_the_run(ciflow_db, ci_connection, e
     assert table_md5(ciflow_db, "emu.customer") == before
 
 
-def test_killed_worker_is_cleaned_up_by_the_next_sync(private_ciflow, emulator):
-    pg = private_ciflow
-    before = table_md5(pg, "emu.customer")
-    emulator.add_fault(SLOW_MATCH, SLOW_PAGE)
-
+def kill_after_two_pages(pg, emu, query):
+    """Runs query (a sync of Customer) in a thread with page 3 slow; once two
+    pages are loaded, SIGKILLs the sync worker and waits for the crash
+    restart.  Returns the caller's errors."""
+    emu.add_fault(SLOW_MATCH, SLOW_PAGE)
     errors = []
 
     def caller():
         try:
-            pg.sql("SELECT * FROM ciflow.sync('emu', 'Customer')")
-        except Exception as exc:  # the server goes through crash recovery
+            pg.sql(query)
+        except Exception as exc:  # noqa: BLE001 - the server goes through crash recovery
             errors.append(exc)
 
     thread = threading.Thread(target=caller)
@@ -70,11 +70,16 @@ def test_killed_worker_is_cleaned_up_by_the_next_sync(private_ciflow, emulator):
                    what="the sync worker")
     wait_for(lambda: pg.sql("SELECT pages FROM ciflow.sync_runs WHERE status = 'running'")
              == [(2,)], timeout=10, what="two pages loaded")
-    os.kill(pid, signal.SIGKILL)
+    sigkill_and_recover(pg, pid)
     thread.join(30)
-    assert errors, "the caller should lose its session in crash recovery"
+    return errors
 
-    wait_up(pg)
+
+def test_killed_worker_is_cleaned_up_by_the_next_sync(private_ciflow, emulator):
+    pg = private_ciflow
+    before = table_md5(pg, "emu.customer")
+    errors = kill_after_two_pages(pg, emulator, "SELECT * FROM ciflow.sync('emu', 'Customer')")
+    assert errors, "the caller should lose its session in crash recovery"
 
     # The killed run is still 'running', its staging heap still there.
     assert pg.sql("SELECT status FROM ciflow.sync_runs ORDER BY id") == [("succeeded",),
@@ -90,22 +95,33 @@ def test_killed_worker_is_cleaned_up_by_the_next_sync(private_ciflow, emulator):
     assert staged_tables(pg) == []
 
 
-def test_no_transaction_is_open_while_a_page_is_fetched(ciflow_db, ci_connection, emulator):
-    """While the worker waits for a slow page, it holds no transaction (and no
-    snapshot): the pages already loaded are committed, progress included."""
-    emulator.add_fault(SLOW_MATCH, {"delay_ms": 3000})
+@contextmanager
+def two_pages_loaded(db, emu, delay_ms, **kwargs):
+    """ciflow.sync('emu', 'Customer', **kwargs) in a thread, page 3 answering
+    after delay_ms: entered once two pages are loaded; yields the list that
+    holds the run (a dict) or its exception once the block is left."""
+    emu.add_fault(SLOW_MATCH, {"delay_ms": delay_ms})
     result = []
 
     def run():
         try:
-            result.append(sync(ciflow_db, "emu", "Customer"))
-        except Exception as exc:
+            result.append(sync(db, "emu", "Customer", **kwargs))
+        except Exception as exc:  # noqa: BLE001 - the caller checks it
             result.append(exc)
     thread = threading.Thread(target=run)
     thread.start()
     try:
-        wait_for(lambda: ciflow_db.sql("SELECT pages FROM ciflow.sync_progress") == [(2,)],
+        wait_for(lambda: db.sql("SELECT pages FROM ciflow.sync_progress") == [(2,)],
                  timeout=10, what="two pages loaded")
+        yield result
+    finally:
+        thread.join(30)
+
+
+def test_no_transaction_is_open_while_a_page_is_fetched(ciflow_db, ci_connection, emulator):
+    """While the worker waits for a slow page, it holds no transaction (and no
+    snapshot): the pages already loaded are committed, progress included."""
+    with two_pages_loaded(ciflow_db, emulator, 3000) as result:
         time.sleep(0.3)
         state = ciflow_db.sql(
             "SELECT xact_start, backend_xid, backend_xmin, state FROM pg_stat_activity"
@@ -113,7 +129,5 @@ def test_no_transaction_is_open_while_a_page_is_fetched(ciflow_db, ci_connection
         assert len(state) == 1, state
         xact_start, xid, xmin, _ = state[0]
         assert xact_start is None and xid is None and xmin is None, state
-    finally:
-        thread.join(30)
     assert result and isinstance(result[0], dict), result
     assert result[0]["status"] == "succeeded" and result[0]["rows"] == 250
