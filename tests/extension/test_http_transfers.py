@@ -48,38 +48,48 @@ def waiting_for_transfer(db, pid):
                   " WHERE pid = %s AND state = 'active'", (pid,)) == [(True,)]
 
 
-def interrupt_during(ciflow_db, emulator, conn, action, how):
-    """Runs GET_ITEMS on conn while the emulator answers with `action`, and
-    `how` (pg_cancel_backend or pg_terminate_backend) once the request is in;
-    returns (the error raised, seconds from the interrupt to the error)."""
-    emulator.add_fault(dict(MATCH, nth=1), action)
-    pid = backend_pid(conn)
+def interrupt(ciflow_db, pid, statement, ready, how, settle=0.5):
+    """Runs statement() in a thread, and `how` (pg_cancel_backend or
+    pg_terminate_backend) on pid once ready() and `settle` seconds more;
+    returns (the error the statement raised or None, seconds from the
+    interrupt to the statement's end)."""
     outcome = {}
 
     def run():
         try:
-            with conn.cursor() as cur:
-                cur.execute(GET_ITEMS)
+            statement()
             outcome["error"] = None
-        except Exception as exc:  # noqa: BLE001 - checked below
+        except Exception as exc:  # noqa: BLE001 - the caller checks it
             outcome["error"] = exc
         outcome["at"] = time.monotonic()
 
     thread = threading.Thread(target=run)
     thread.start()
     try:
-        # The emulator logs a delayed request only once it answers: the
-        # backend's own wait (on its latch and sockets) says it is in.
-        wait_for(lambda: waiting_for_transfer(ciflow_db, pid), timeout=10,
-                 what="the call to wait for its answer")
-        # Well inside the wait (or the body) before the interrupt comes.
-        time.sleep(0.5)
+        wait_for(ready, timeout=10, what="the statement to be under way")
+        time.sleep(settle)
         sent = time.monotonic()
         assert ciflow_db.sql(f"SELECT {how}(%s)", (pid,)) == [(True,)]
     finally:
         thread.join(15)
     assert "at" in outcome, "the statement did not end"
     return outcome["error"], outcome["at"] - sent
+
+
+def interrupt_during(ciflow_db, emulator, conn, action, how):
+    """GET_ITEMS on conn, interrupted by `how` while the emulator answers with
+    `action`; see interrupt()."""
+    emulator.add_fault(dict(MATCH, nth=1), action)
+    pid = backend_pid(conn)
+
+    def statement():
+        with conn.cursor() as cur:
+            cur.execute(GET_ITEMS)
+
+    # The emulator logs a delayed request only once it answers: the backend's
+    # own wait (on its latch and sockets) says it is in.
+    return interrupt(ciflow_db, pid, statement, lambda: waiting_for_transfer(ciflow_db, pid),
+                     how)
 
 
 @pytest.mark.parametrize("action", [a for _, a in SLOW], ids=[i for i, _ in SLOW])
@@ -114,30 +124,13 @@ def test_cancelled_sync_ends_within_a_second(ciflow_db, ci_connection, emulator)
     sync(ciflow_db, "emu", ENTITY)
     # Page 3 answers only after 8 s.
     emulator.add_fault(dict(MATCH, query=r"(\$|%24)skip=200(&|$)"), {"delay_ms": 8000})
-    outcome = {}
     with session(ciflow_db, {}) as conn:
-        pid = backend_pid(conn)
-
-        def run():
-            try:
-                sync(ciflow_db, "emu", ENTITY, conn=conn)
-                outcome["error"] = None
-            except Exception as exc:  # noqa: BLE001 - checked below
-                outcome["error"] = exc
-            outcome["at"] = time.monotonic()
-
-        thread = threading.Thread(target=run)
-        thread.start()
-        try:
-            wait_for(lambda: ciflow_db.sql("SELECT pages FROM ciflow.sync_progress") == [(2,)],
-                     timeout=10, what="two pages loaded")
-            time.sleep(0.3)
-            sent = time.monotonic()
-            ciflow_db.sql("SELECT pg_cancel_backend(%s)", (pid,))
-        finally:
-            thread.join(15)
-    assert outcome.get("error") is not None and outcome["error"].pgcode == "57014", outcome
-    assert outcome["at"] - sent < 1.0, outcome["at"] - sent
+        error, elapsed = interrupt(
+            ciflow_db, backend_pid(conn), lambda: sync(ciflow_db, "emu", ENTITY, conn=conn),
+            lambda: ciflow_db.sql("SELECT pages FROM ciflow.sync_progress") == [(2,)],
+            "pg_cancel_backend", settle=0.3)
+    assert error is not None and error.pgcode == "57014", error
+    assert elapsed < 1.0, elapsed
     wait_for(lambda: not ciflow_db.sql("SELECT pid FROM pg_stat_activity"
                                        " WHERE backend_type = 'ciflow sync'"),
              timeout=1, what="the sync worker to exit")
