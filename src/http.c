@@ -77,6 +77,7 @@ struct CiflowHttpSlot
 	bool		in_use;			/* started, not yet finished or cancelled */
 	bool		in_multi;		/* added to the multi handle */
 	bool		done;			/* libcurl reported the transfer's end */
+	uint64		ticket;			/* of the transfer in the slot */
 	CURLcode	result;
 	struct curl_slist *headers; /* libcurl's copies, wiped at the end */
 	SlotGuard  *guard;
@@ -86,6 +87,19 @@ struct CiflowHttpSlot
 
 static CURLM *multi = NULL;
 static CiflowHttpSlot slots[CIFLOW_HTTP_MAX_PENDING];
+static uint64 last_ticket = 0;
+
+/*
+ * t's transfer, if it is still in flight: a slot cancelled by its context's
+ * reset may already serve another transfer, which t must not touch.
+ */
+static CiflowHttpSlot *
+SlotOf(const CiflowTransfer *t)
+{
+	if (t->slot != NULL && t->slot->in_use && t->slot->ticket == t->ticket)
+		return t->slot;
+	return NULL;
+}
 
 /*
  * Runs inside libcurl, so it must not ereport: a longjmp would leave the
@@ -403,7 +417,10 @@ CiflowHttpStart(CiflowTransfer *t)
 	slot = TakeSlot();
 	guard = palloc0(sizeof(SlotGuard));
 
-	/* Nothing below raises until the slot is in use and guarded. */
+	/*
+	 * The slot is not in use until it is guarded: every way out before
+	 * that wipes the headers copied so far and leaves the slot free.
+	 */
 	for (i = 0; i < t->nheaders; i++)
 	{
 		struct curl_slist *next = curl_slist_append(slot->headers, t->headers[i]);
@@ -432,7 +449,9 @@ CiflowHttpStart(CiflowTransfer *t)
 	MemoryContextRegisterResetCallback(CurrentMemoryContext, &guard->cb);
 	slot->guard = guard;
 	slot->in_use = true;
+	slot->ticket = ++last_ticket;
 	t->slot = slot;
+	t->ticket = slot->ticket;
 
 	if (curl_multi_add_handle(multi, slot->easy) != CURLM_OK)
 	{
@@ -596,9 +615,9 @@ CollectSlot(CiflowHttpSlot *slot, CiflowTransfer *t)
 void
 CiflowHttpFinish(CiflowTransfer *t)
 {
-	CiflowHttpSlot *slot = t->slot;
+	CiflowHttpSlot *slot = SlotOf(t);
 
-	if (slot == NULL || !slot->in_use)
+	if (slot == NULL)
 		elog(ERROR, "ciflow: finishing an HTTP transfer that is not in flight");
 
 	/*
@@ -614,12 +633,13 @@ CiflowHttpFinish(CiflowTransfer *t)
 			CHECK_FOR_INTERRUPTS();
 			Drive();
 		}
-		t->slot = NULL;
 		CollectSlot(slot, t);
+		t->slot = NULL;
 	}
 	PG_CATCH();
 	{
-		if (slot->in_use)
+		/* Not when CollectSlot had given it back already. */
+		if (SlotOf(t) != NULL)
 			CancelSlot(slot);
 		t->slot = NULL;
 		PG_RE_THROW();
@@ -630,8 +650,10 @@ CiflowHttpFinish(CiflowTransfer *t)
 void
 CiflowHttpCancel(CiflowTransfer *t)
 {
-	if (t->slot != NULL && t->slot->in_use)
-		CancelSlot(t->slot);
+	CiflowHttpSlot *slot = SlotOf(t);
+
+	if (slot != NULL)
+		CancelSlot(slot);
 	t->slot = NULL;
 }
 

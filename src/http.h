@@ -39,8 +39,12 @@ typedef struct CiflowTransfer
 	int			nheaders;
 	const char *ca_file;		/* extra CA bundle or NULL */
 
-	/* set by CiflowHttpStart, cleared when the transfer is finished */
+	/*
+	 * set by CiflowHttpStart, cleared when the transfer is finished; the
+	 * ticket tells this transfer from a later one in the same slot
+	 */
 	CiflowHttpSlot *slot;
+	uint64		ticket;
 
 	/*
 	 * response, filled by CiflowHttpFinish and allocated in the memory
@@ -73,6 +77,10 @@ typedef struct CiflowTransfer
  * context is reset or deleted first (an ERROR whose cleanup drops the
  * context, say), the transfer is cancelled then: no handle stays in the
  * multi handle and libcurl's copies of the headers are wiped.
+ *
+ * ciflow.request_timeout counts from the start, as before: a caller that
+ * works longer than that between the start and the finish times its
+ * transfer out, whether or not the answer has arrived.
  */
 #define CIFLOW_HTTP_MAX_PENDING 4
 
