@@ -1,8 +1,11 @@
 /*-------------------------------------------------------------------------
  *
  * http.h
- *	  One HTTP transfer through libcurl.  Nothing else in ciflow talks to
- *	  libcurl; retries and error reporting belong to request.c.
+ *	  HTTP transfers through libcurl: one at a time (CiflowHttpTransfer) or
+ *	  started now and finished later (CiflowHttpStart, CiflowHttpFinish), so
+ *	  that a caller can receive one response while it works on another.
+ *	  Nothing else in ciflow talks to libcurl; credentials, retries and
+ *	  error reporting belong to request.c.
  *
  *-------------------------------------------------------------------------
  */
@@ -20,9 +23,15 @@ typedef enum CiflowTransportError
 	CIFLOW_TRANSPORT_TOO_LARGE	/* over ciflow.max_response_size */
 } CiflowTransportError;
 
+/* A transfer in flight; private to http.c. */
+typedef struct CiflowHttpSlot CiflowHttpSlot;
+
 typedef struct CiflowTransfer
 {
-	/* request */
+	/*
+	 * request: copied at the start, except body, which libcurl reads in
+	 * place and must outlive the transfer (it may hold a secret: not copied)
+	 */
 	const char *method;			/* "GET" or "POST" */
 	const char *url;
 	const char *body;			/* POST body or NULL */
@@ -30,7 +39,17 @@ typedef struct CiflowTransfer
 	int			nheaders;
 	const char *ca_file;		/* extra CA bundle or NULL */
 
-	/* response, allocated in the caller's memory context */
+	/*
+	 * set by CiflowHttpStart, cleared when the transfer is finished; the
+	 * ticket tells this transfer from a later one in the same slot
+	 */
+	CiflowHttpSlot *slot;
+	uint64		ticket;
+
+	/*
+	 * response, filled by CiflowHttpFinish and allocated in the memory
+	 * context that was current at CiflowHttpStart
+	 */
 	CiflowTransportError error;
 	char		error_text[256];	/* libcurl's words for a transport error */
 	long		status;
@@ -41,8 +60,58 @@ typedef struct CiflowTransfer
 	bool		www_authenticate;	/* a WWW-Authenticate header came back */
 } CiflowTransfer;
 
-/* Performs the transfer; interrupts (cancel, terminate) are raised as usual. */
+/*
+ * Every transfer runs in one libcurl multi handle per process, so that
+ * keep-alive connections are shared, with a handle of its own from a small
+ * pool (CIFLOW_HTTP_MAX_PENDING), so that a second transfer (a token, a
+ * metadata call) can run while a first is pending.
+ *
+ * CiflowHttpStart sets the transfer up, adds it and drives it as far as it
+ * goes without blocking, then returns.  Until CiflowHttpFinish, the body
+ * arrives into a buffer in the memory context current at the start,
+ * whenever any transfer is driven (CiflowHttpPump, or a wait in
+ * CiflowHttpFinish).  Raises an ERROR only when no handle can be had;
+ * then nothing is left in flight.
+ *
+ * A started transfer must be finished or cancelled.  If that memory
+ * context is reset or deleted first (an ERROR whose cleanup drops the
+ * context, say), the transfer is cancelled then: no handle stays in the
+ * multi handle and libcurl's copies of the headers are wiped.
+ *
+ * ciflow.request_timeout counts from the start, as before: a caller that
+ * works longer than that between the start and the finish times its
+ * transfer out, whether or not the answer has arrived.
+ */
+#define CIFLOW_HTTP_MAX_PENDING 4
+
+extern void CiflowHttpStart(CiflowTransfer *t);
+
+/*
+ * Waits, on the latch and the transfers' sockets, until the transfer is
+ * complete and fills its response, as CiflowHttpTransfer does.  A cancel
+ * or terminate is raised within a fraction of a second; the transfer is
+ * then cancelled.  A failed transfer is reported in t->error, never raised.
+ */
+extern void CiflowHttpFinish(CiflowTransfer *t);
+
+/*
+ * Moves every pending transfer on as far as it goes without blocking:
+ * a caller busy with other work calls it now and then, so that responses
+ * keep arriving.  Never waits; raises nothing but out of memory.
+ */
+extern void CiflowHttpPump(void);
+
+/*
+ * Drops a started transfer without its response (the connection is closed
+ * if it was mid-answer).  Never raises; a transfer not started is ignored.
+ */
+extern void CiflowHttpCancel(CiflowTransfer *t);
+
+/* Start and finish; interrupts (cancel, terminate) are raised as usual. */
 extern void CiflowHttpTransfer(CiflowTransfer *t);
+
+/* An HTTP-date (RFC 9110) as a time_t, -1 when it is not one. */
+extern time_t CiflowHttpDate(const char *value);
 
 /*
  * Parses an http(s) URL.  Returns false for anything else.  *origin gets

@@ -5,15 +5,21 @@
  *	  connection's own host), the transfer, the retry policy, and the
  *	  mapping of failures to ERRORs with SQLSTATE, DETAIL and HINT.
  *
+ *	  A request is started (its first attempt put on the wire) and finished
+ *	  (the answer awaited, judged, retried as often as the policy allows),
+ *	  so that a caller can work while an answer comes; every attempt, the
+ *	  first one included, takes its slot of the call limit when it starts.
+ *	  An attempt's credential headers exist only while the attempt is
+ *	  being started: http.c holds its own copies until the transfer ends.
+ *
  *	  It decides what a status means; it does not know what the caller
- *	  asked for (the caller passes the error message that says so), and it
- *	  never parses pages or metadata.
+ *	  asked for (the caller passes the error message that says so), it
+ *	  never parses pages or metadata, and it does not talk to libcurl.
  *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
-#include <curl/curl.h>
 #include <time.h>
 
 #include "common/pg_prng.h"
@@ -250,7 +256,7 @@ CiflowRetryAfterMs(const char *value)
 	if (end != value && (*end == '\0' || *end == ' ' || *end == '\r'))
 		return (int64) Max(secs, 0) * 1000;
 	{
-		time_t		when = curl_getdate(value, NULL);
+		time_t		when = CiflowHttpDate(value);
 
 		if (when == -1)
 			return -1;
@@ -299,18 +305,51 @@ AddHeader(CiflowTransfer *t, char *header)
 }
 
 /*
- * One attempt: credentials, a slot of the call limit, the transfer.  The
- * credential headers exist only inside this function and are wiped on the
- * way out, also when the wait for a slot or the transfer is interrupted.
+ * A request between its start and its finish.  req's strings are copied
+ * (a caller may build them in a context it resets before the finish), but
+ * not body, conn and stats, whose owners keep them: the body may be a form
+ * with the client secret, and conn holds the credentials.
+ */
+struct CiflowPendingRequest
+{
+	CiflowRequest req;
+	MemoryContext cxt;			/* of the start: every attempt's answer */
+	CiflowTransfer t;			/* the attempt in flight */
+	bool		in_flight;		/* t is started and not finished */
+	int			attempt;		/* attempts counted against the policy */
+	bool		token_renewed;	/* the one renewal after a 401 is spent */
+};
+
+static char *
+CopyString(const char *s)
+{
+	return s ? pstrdup(s) : NULL;
+}
+
+static void
+FreeString(const char *s)
+{
+	if (s)
+		pfree((char *) s);
+}
+
+/*
+ * Starts one attempt: credentials, a slot of the call limit, the transfer
+ * on the wire.  The credential headers exist only inside this function and
+ * are wiped on the way out, also when the wait for a slot or the start is
+ * interrupted: http.c copied them into the transfer and wipes its copies
+ * when the transfer ends.
  */
 static void
-PerformAttempt(const CiflowRequest *req, CiflowTransfer *t, bool force_new_token,
-			   int attempt)
+StartAttempt(CiflowPendingRequest *p, bool force_new_token)
 {
+	const CiflowRequest *req = &p->req;
 	const CiflowConnection *conn = req->conn;
+	CiflowTransfer *t = &p->t;
 	char	   *volatile token = NULL;
 	char	   *volatile auth_header = NULL;
 	char	   *volatile key_header = NULL;
+	MemoryContext old = MemoryContextSwitchTo(p->cxt);
 
 	memset(t, 0, sizeof(*t));
 	t->method = req->method ? req->method : "GET";
@@ -362,30 +401,33 @@ PerformAttempt(const CiflowRequest *req, CiflowTransfer *t, bool force_new_token
 			req->stats->last_status = 0;
 		}
 		elog(DEBUG1, "ciflow: %s %s (attempt %d)", t->method,
-			 req->api_call ? req->url : "token endpoint", attempt);
-		CiflowHttpTransfer(t);
+			 req->api_call ? req->url : "token endpoint", p->attempt);
+		CiflowHttpStart(t);
+		p->in_flight = true;
 	}
 	PG_CATCH();
 	{
 		CiflowFreeSecret(token);
 		CiflowFreeSecret(auth_header);
 		CiflowFreeSecret(key_header);
+		MemoryContextSwitchTo(old);
 		PG_RE_THROW();
 	}
 	PG_END_TRY();
 	CiflowFreeSecret(token);
 	CiflowFreeSecret(auth_header);
 	CiflowFreeSecret(key_header);
+	/* The pointers were into the wiped strings: nothing may use them. */
+	memset(t->headers, 0, sizeof(t->headers));
+	t->nheaders = 0;
+	MemoryContextSwitchTo(old);
 }
 
-CiflowResponse
-CiflowRequestPerform(const CiflowRequest *req)
+CiflowPendingRequest *
+CiflowRequestStart(const CiflowRequest *req)
 {
 	const CiflowConnection *conn = req->conn;
-	CiflowResponse resp;
-	bool		force_new_token = false;
-	bool		token_renewed = false;
-	int			attempt = 0;
+	CiflowPendingRequest *p;
 
 	if (req->api_call)
 	{
@@ -399,87 +441,139 @@ CiflowRequestPerform(const CiflowRequest *req)
 							   origin ? origin : "an invalid URL", conn->origin)));
 	}
 
+	p = palloc0(sizeof(CiflowPendingRequest));
+	p->req = *req;
+	p->req.method = CopyString(req->method);
+	p->req.url = CopyString(req->url);
+	p->req.prefer = CopyString(req->prefer);
+	p->req.accept = CopyString(req->accept);
+	p->req.failmsg = CopyString(req->failmsg);
+	p->req.detail_prefix = CopyString(req->detail_prefix);
+	p->req.not_found_hint = CopyString(req->not_found_hint);
+	p->cxt = CurrentMemoryContext;
+
+	CHECK_FOR_INTERRUPTS();
+	p->attempt = 1;
+	StartAttempt(p, false);
+	return p;
+}
+
+/* What is left of a pending request once its answer is out. */
+static void
+FreePending(CiflowPendingRequest *p)
+{
+	FreeString(p->req.method);
+	FreeString(p->req.url);
+	FreeString(p->req.prefer);
+	FreeString(p->req.accept);
+	FreeString(p->req.failmsg);
+	FreeString(p->req.detail_prefix);
+	FreeString(p->req.not_found_hint);
+	pfree(p);
+}
+
+/* The answer of the last attempt, handed over with its body. */
+static CiflowResponse
+Answer(CiflowPendingRequest *p)
+{
+	CiflowResponse resp;
+
+	resp.status = p->t.status;
+	resp.body = p->t.body_out;
+	resp.len = p->t.body_len;
+	FreePending(p);
+	return resp;
+}
+
+CiflowResponse
+CiflowRequestFinish(CiflowPendingRequest *p)
+{
+	const CiflowRequest *req = &p->req;
+	const CiflowConnection *conn = req->conn;
+	CiflowTransfer *t = &p->t;
+
+	if (!p->in_flight)
+		elog(ERROR, "ciflow: finishing a request that is not pending");
+
 	for (;;)
 	{
-		CiflowTransfer t;
-		int64		wait_ms;
+		bool		force_new_token = false;
+		int64		wait_ms = 0;
 
-		CHECK_FOR_INTERRUPTS();
-		attempt++;
-		PerformAttempt(req, &t, force_new_token, attempt);
-		force_new_token = false;
+		/* Spent whatever happens: http.c releases the transfer on error. */
+		p->in_flight = false;
+		CiflowHttpFinish(t);
 
-		if (t.error != CIFLOW_TRANSPORT_OK)
+		if (t->error != CIFLOW_TRANSPORT_OK)
 		{
 			/* Size and certificate problems do not go away by trying again. */
-			if (t.error == CIFLOW_TRANSPORT_TOO_LARGE ||
-				t.error == CIFLOW_TRANSPORT_TLS ||
-				attempt >= ciflow_settings.max_attempts)
-				ReportTransport(req, &t, attempt);
-			wait_ms = CiflowBackoffMs(attempt);
+			if (t->error == CIFLOW_TRANSPORT_TOO_LARGE ||
+				t->error == CIFLOW_TRANSPORT_TLS ||
+				p->attempt >= ciflow_settings.max_attempts)
+				ReportTransport(req, t, p->attempt);
+			wait_ms = CiflowBackoffMs(p->attempt);
 		}
 		else
 		{
 			if (req->stats)
-				req->stats->last_status = (int) t.status;
+				req->stats->last_status = (int) t->status;
 
-			if (t.status >= 200 && t.status < 300)
+			if (t->status >= 200 && t->status < 300)
+				return Answer(p);
+
+			if (t->status == 401 && req->api_call)
 			{
-				resp.status = t.status;
-				resp.body = t.body_out;
-				resp.len = t.body_len;
-				return resp;
-			}
+				bool		gateway = IsGatewayBody(t->body_out, t->body_len);
 
-			if (t.status == 401 && req->api_call)
-			{
-				bool		gateway = IsGatewayBody(t.body_out, t.body_len);
-
-				/* A rejected token is renewed once; a rejected key is final. */
-				if (!gateway && !token_renewed && TokenRenewable(conn))
+				/*
+				 * A rejected token is renewed once, at once and without
+				 * counting an attempt; a rejected key is final.
+				 */
+				if (!gateway && !p->token_renewed && TokenRenewable(conn))
 				{
-					token_renewed = true;
+					p->token_renewed = true;
 					force_new_token = true;
-					attempt--;
-					if (req->stats)
-						req->stats->retries++;
-					continue;
 				}
-				ReportStatus(req, t.status, t.body_out, t.body_len, attempt, gateway);
+				else
+					ReportStatus(req, t->status, t->body_out, t->body_len,
+								 p->attempt, gateway);
 			}
-
-			if (t.status == 429 || t.status == 503)
+			else if (t->status == 429 || t->status == 503)
 			{
-				if (attempt >= ciflow_settings.max_attempts)
-					ReportStatus(req, t.status, t.body_out, t.body_len, attempt, false);
-				wait_ms = CiflowRetryAfterMs(t.retry_after);
+				if (p->attempt >= ciflow_settings.max_attempts)
+					ReportStatus(req, t->status, t->body_out, t->body_len,
+								 p->attempt, false);
+				wait_ms = CiflowRetryAfterMs(t->retry_after);
 				if (wait_ms < 0)
-					wait_ms = CiflowBackoffMs(attempt);
+					wait_ms = CiflowBackoffMs(p->attempt);
 				wait_ms = Min(wait_ms, (int64) ciflow_settings.max_retry_after_s * 1000);
 			}
-			else if (t.status == 500 || t.status == 502 || t.status == 504)
+			else if (t->status == 500 || t->status == 502 || t->status == 504)
 			{
-				if (attempt >= ciflow_settings.max_attempts)
-					ReportStatus(req, t.status, t.body_out, t.body_len, attempt, false);
-				wait_ms = CiflowBackoffMs(attempt);
+				if (p->attempt >= ciflow_settings.max_attempts)
+					ReportStatus(req, t->status, t->body_out, t->body_len,
+								 p->attempt, false);
+				wait_ms = CiflowBackoffMs(p->attempt);
 			}
-			else if (req->return_refusal && t.status >= 400 && t.status < 500)
-			{
-				resp.status = t.status;
-				resp.body = t.body_out;
-				resp.len = t.body_len;
-				return resp;
-			}
+			else if (req->return_refusal && t->status >= 400 && t->status < 500)
+				return Answer(p);
 			else
-				ReportStatus(req, t.status, t.body_out, t.body_len, attempt, false);
+				ReportStatus(req, t->status, t->body_out, t->body_len,
+							 p->attempt, false);
 		}
 
 		if (req->stats)
 			req->stats->retries++;
-		if (t.body_out)
-			pfree(t.body_out);
-		elog(DEBUG1, "ciflow: retrying in %lld ms", (long long) wait_ms);
-		WaitMs(wait_ms);
+		if (t->body_out)
+			pfree(t->body_out);
+		if (!force_new_token)
+		{
+			elog(DEBUG1, "ciflow: retrying in %lld ms", (long long) wait_ms);
+			WaitMs(wait_ms);
+			p->attempt++;
+		}
+		CHECK_FOR_INTERRUPTS();
+		StartAttempt(p, force_new_token);
 	}
 }
 
@@ -502,6 +596,26 @@ CiflowResponse
 CiflowRequestFinish(CiflowPendingRequest *pending)
 {
 	return pending->resp;
+}
+
+void
+CiflowRequestCancel(CiflowPendingRequest *p)
+{
+	if (p->in_flight)
+		CiflowHttpCancel(&p->t);
+	p->in_flight = false;
+}
+
+void
+CiflowRequestPump(void)
+{
+	CiflowHttpPump();
+}
+
+CiflowResponse
+CiflowRequestPerform(const CiflowRequest *req)
+{
+	return CiflowRequestFinish(CiflowRequestStart(req));
 }
 
 void

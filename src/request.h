@@ -3,7 +3,8 @@
  * request.h
  *	  The one request path: credentials, transfer, retry policy, error
  *	  mapping.  Every call to the service and to the token endpoint goes
- *	  through CiflowRequestPerform.
+ *	  through CiflowRequestStart and CiflowRequestFinish (together:
+ *	  CiflowRequestPerform).
  *
  *-------------------------------------------------------------------------
  */
@@ -73,6 +74,38 @@ extern CiflowResponse CiflowRequestPerform(const CiflowRequest *req);
 typedef struct CiflowPendingRequest CiflowPendingRequest;
 extern CiflowPendingRequest *CiflowRequestStart(const CiflowRequest *req);
 extern CiflowResponse CiflowRequestFinish(CiflowPendingRequest *pending);
+
+/*
+ * The same in two halves, so that a caller can receive one answer while it
+ * works on another (a page while it loads the one before).
+ *
+ * CiflowRequestStart checks the URL, takes a slot of the call limit (it may
+ * wait for one), puts the first attempt on the wire and returns at once.
+ * The pending request is allocated in the current memory context and
+ * copies req's strings; req->conn, req->stats and req->body (which may
+ * hold a secret and is never copied) must outlive the finish.  The
+ * attempt's credential headers are wiped before it returns.
+ *
+ * CiflowRequestFinish waits for the answer and does what
+ * CiflowRequestPerform does with it: retries (each one counted against the
+ * call limit and in stats), the token renewed once after a 401, the same
+ * ERRORs, return_refusal.  The body is allocated in the memory context of
+ * the start.  The pending request is spent afterwards, also when it raised.
+ *
+ * A pending request must be finished or cancelled; when its memory context
+ * is reset or deleted first (an ERROR whose cleanup drops it), the
+ * transfer in flight is cancelled with it.  CiflowRequestCancel drops it
+ * without an answer (the call it made still counts) and never raises.
+ *
+ * CiflowRequestPump moves pending answers on without waiting, for a caller
+ * busy with something else.
+ */
+typedef struct CiflowPendingRequest CiflowPendingRequest;
+
+extern CiflowPendingRequest *CiflowRequestStart(const CiflowRequest *req);
+extern CiflowResponse CiflowRequestFinish(CiflowPendingRequest *pending);
+extern void CiflowRequestCancel(CiflowPendingRequest *pending);
+extern void CiflowRequestPump(void);
 
 /*
  * Same, then parses the body as JSON (22032 when it is not JSON); NULL for
