@@ -170,6 +170,27 @@ def checkpoint(pg):
     pg.sql("CHECKPOINT")
 
 
+class Busy:
+    """The machine's CPU use during a step, from /proc/stat: 100 % is every core busy.
+    Another user's work on this shared machine shows here, not in our own figures."""
+
+    @staticmethod
+    def sample():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        idle = v[3] + v[4]
+        return sum(v) - idle, sum(v)
+
+    def __enter__(self):
+        self.start = self.sample()
+        return self
+
+    def __exit__(self, *exc):
+        end = self.sample()
+        self.percent = 100.0 * (end[0] - self.start[0]) / max(1, end[1] - self.start[1])
+        return False
+
+
 # -- the emulator's pages -----------------------------------------------------------------
 
 def page_paths(emu, entity, rows, page_size, key="CustomerId"):
@@ -264,14 +285,16 @@ def copy_psql(pg, path, table):
 def baseline(pg, emu, page_size, table):
     pg.sql(f"DROP TABLE IF EXISTS {table}")
     checkpoint(pg)
-    start = time.perf_counter()
-    out = subprocess.run([PYTHON, "-c", USER_SCRIPT, pg.dsn, emu.base_url, emu.token_url,
-                          CLIENT_ID, CLIENT_SECRET, SCOPE, SUB_KEY, INSTANCE_ID, str(page_size),
-                          table, CUSTOMER_COLUMNS], capture_output=True, text=True)
-    elapsed = time.perf_counter() - start
+    with Busy() as busy:
+        start = time.perf_counter()
+        out = subprocess.run([PYTHON, "-c", USER_SCRIPT, pg.dsn, emu.base_url, emu.token_url,
+                              CLIENT_ID, CLIENT_SECRET, SCOPE, SUB_KEY, INSTANCE_ID,
+                              str(page_size), table, CUSTOMER_COLUMNS],
+                             capture_output=True, text=True)
+        elapsed = time.perf_counter() - start
     if out.returncode != 0:
         sys.exit(f"baseline failed: {out.stderr[-2000:]}")
-    return elapsed, int(out.stdout)
+    return elapsed, int(out.stdout), busy.percent
 
 
 # -- ciflow -----------------------------------------------------------------------------------
@@ -296,15 +319,28 @@ class WorkerMemory(threading.Thread):
         self.conn = pg.connect()
         self.peak_kb = {}
         self.hwm_kb = 0
+        self.cpu_s = 0.0         # the worker's user + system CPU time, last sample
         self.first_seen = {}     # phase -> perf_counter() when first sampled
         self.done = threading.Event()
 
     def run(self):
+        tick = os.sysconf("SC_CLK_TCK")
+        workers, polled = [], 0.0
         with self.conn.cursor() as cur:
             while not self.done.is_set():
-                cur.execute("SELECT pid, query FROM pg_stat_activity"
-                            " WHERE backend_type = 'ciflow sync'")
-                for pid, phase in cur.fetchall():
+                # The phase changes a few times a run: ask the server every 50 ms, and read
+                # /proc (which costs the server nothing) every 10 ms.
+                if time.perf_counter() - polled > 0.05:
+                    cur.execute("SELECT pid, query FROM pg_stat_activity"
+                                " WHERE backend_type = 'ciflow sync'")
+                    workers, polled = cur.fetchall(), time.perf_counter()
+                for pid, phase in workers:
+                    try:
+                        with open(f"/proc/{pid}/stat") as f:
+                            fields = f.read().rsplit(")", 1)[1].split()
+                        self.cpu_s = (int(fields[11]) + int(fields[12])) / tick
+                    except (OSError, IndexError, ValueError):
+                        pass
                     status = {}
                     try:
                         with open(f"/proc/{pid}/status") as f:
@@ -339,10 +375,11 @@ def first_sync(pg, emu, connection, target, expected_rows):
     last_seq = emu.control("GET", "log?since=%d" % (1 << 62))["seq"]
     memory = WorkerMemory(pg)
     memory.start()
-    start = time.perf_counter()
-    run = pg.sql(f"SELECT rows, pages, api_calls, retries FROM ciflow.sync('{connection}',"
-                 f" 'Customer', target => '{target}')")[0]
-    end = time.perf_counter()
+    with Busy() as busy:
+        start = time.perf_counter()
+        run = pg.sql(f"SELECT rows, pages, api_calls, retries FROM ciflow.sync('{connection}',"
+                     f" 'Customer', target => '{target}')")[0]
+        end = time.perf_counter()
     memory.done.set()
     memory.join()
     entries = emu.log(since=last_seq)
@@ -355,7 +392,8 @@ def first_sync(pg, emu, connection, target, expected_rows):
             "retries": run[3], "calls": calls_of(entries), "queries": queries,
             "pull_s": published - reading, "rest_s": (end - start) - (published - reading),
             "anon_pages_kb": memory.peak_kb.get("reading pages", 0),
-            "anon_publish_kb": memory.peak_kb.get("publishing", 0), "hwm_kb": memory.hwm_kb}
+            "anon_publish_kb": memory.peak_kb.get("publishing", 0), "hwm_kb": memory.hwm_kb,
+            "cpu_s": memory.cpu_s, "busy": busy.percent}
 
 
 def measured_sync(pg, entity, publish="diff", target=None):
@@ -597,22 +635,23 @@ def main():
                 fetch_curl = min(floor_fetch_curl(emu, paths, tmpdir) for _ in range(2))
                 fetches = {"curl": fetch_curl[0], "python": fetch_py[0]}
                 f_how = min(fetches, key=fetches.get)
-                user_s, user_rows = baseline(pg, emu, p, "bench.user_copy")
+                user_s, user_rows, user_busy = baseline(pg, emu, p, "bench.user_copy")
                 pg.sql("DROP TABLE bench.user_copy")
                 target = f"bench.customer_{rows}_{p}"
                 sync = first_sync(pg, emu, f"emu{p}", target, rows)
                 pg.sql(f"DROP TABLE {target}")
                 r = {"rows": rows, "page": p, "sync": sync, "user_s": user_s,
-                     "user_rows": user_rows, "F": fetches[f_how], "F_how": f_how,
+                     "user_rows": user_rows, "user_busy": user_busy, "F": fetches[f_how], "F_how": f_how,
                      "C": copies[c_how], "C_how": c_how, "fetches": fetches,
                      "bytes": fetch_curl[1], "render_s": render, "cached_s": again}
                 results.append(r)
                 print(f"  pages of {p}: emulator first render {render:.2f} s, served again"
                       f" {again:.2f} s ({fetch_curl[1] / 1e6:.0f} MB); floor F: curl"
                       f" {fetch_curl[0]:.2f} s, python {fetch_py[0]:.2f} s; baseline"
-                      f" {user_s:.2f} s ({user_rows} rows); ciflow {sync['seconds']:.2f} s"
-                      f" (pull {sync['pull_s']:.2f} s, the rest {sync['rest_s']:.2f} s)",
-                      flush=True)
+                      f" {user_s:.2f} s ({user_rows} rows, machine {user_busy:.0f} % busy);"
+                      f" ciflow {sync['seconds']:.2f} s (pull {sync['pull_s']:.2f} s, the rest"
+                      f" {sync['rest_s']:.2f} s; worker CPU {sync['cpu_s']:.2f} s; machine"
+                      f" {sync['busy']:.0f} % busy)", flush=True)
                 if sync["queries"] != {("$orderby", "$skip", "$top")}:
                     print(f"  NOTE: ciflow asked {sync['queries']}, not the pages rendered"
                           f" beforehand: its pull paid for rendering")
@@ -632,11 +671,13 @@ def main():
 
 
 def print_first_sync(results):
-    print("\nfirst sync (ratios < 1: ciflow is faster; F and C: the faster way, best of two)")
+    print("\nfirst sync (ratios < 1: ciflow is faster; F and C: the faster way, best of two;"
+          " busy %: the whole machine's CPU use during ciflow's sync, 100 = both cores)")
     print(f"{'rows':>8} {'page':>5} {'ciflow s':>8} {'rows/s':>8} {'base s':>7} {'F s':>6} "
           f"{'F by':>6} {'C s':>6} {'C by':>11} {'/base':>6} {'/max(F,C)':>9} "
           f"{'anon pages kB':>13} {'anon publish kB':>15} {'VmHWM kB':>9} "
-          f"{'data calls':>10} {'expected':>8} {'meta':>4} {'api_calls':>9}")
+          f"{'data calls':>10} {'expected':>8} {'meta':>4} {'api_calls':>9} {'worker CPU s':>12} "
+          f"{'busy %':>6}")
     for r in results:
         s = r["sync"]
         expected = math.ceil(r["rows"] / r["page"]) + 1
@@ -644,7 +685,8 @@ def print_first_sync(results):
               f"{r['user_s']:>7.2f} {r['F']:>6.2f} {r['F_how']:>6} {r['C']:>6.2f} {r['C_how']:>11} "
               f"{s['seconds'] / r['user_s']:>6.2f} {s['seconds'] / max(r['F'], r['C']):>9.2f} "
               f"{s['anon_pages_kb']:>13} {s['anon_publish_kb']:>15} {s['hwm_kb']:>9} "
-              f"{s['calls'][0]:>10} {expected:>8} {s['calls'][1]:>4} {s['api_calls']:>9}")
+              f"{s['calls'][0]:>10} {expected:>8} {s['calls'][1]:>4} {s['api_calls']:>9} "
+              f"{s['cpu_s']:>12.2f} {s['busy']:>6.0f}")
         if s["calls"][2] or s["retries"]:
             print(f"  NOTE: {s['calls'][2]} other API calls, {s['retries']} retries")
 
@@ -657,8 +699,10 @@ def limit_table(pg, emu, results, rows, page_sizes, tmpdir):
         if best:
             r = max(best, key=lambda r: r["rows"])
             s = r["sync"]
-            measured[p] = (s["pull_s"] / s["calls"][0], s["calls"][1], s["rest_s"],
-                           f"ciflow, {r['rows']} rows", r["F"] / s["calls"][0])
+            # publish, ANALYZE: taken as linear in rows
+            measured[p] = (s["pull_s"] / s["calls"][0], s["calls"][1],
+                           s["rest_s"] * rows / r["rows"], f"ciflow, {r['rows']} rows",
+                           r["F"] / s["calls"][0])
             continue
         # Not among the measured page sizes: a small entity at that page size.
         n = min(rows, max(200 * p, 20000), 200000)
@@ -701,14 +745,16 @@ def print_summary(info, results, limit_rows, resync, args, total):
           f" max_wal_size={st.get('max_wal_size')}.\n")
     if results:
         print("| rows | page | ciflow s | rows/s | baseline s | F s | C s | ciflow/baseline |"
-              " ciflow/max(F,C) | worker RssAnon MB (pages / publish) | data calls (expected) |")
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+              " ciflow/max(F,C) | worker RssAnon MB (pages / publish) | worker CPU s |"
+              " data calls (expected) |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in results:
             s = r["sync"]
             print(f"| {r['rows']:,} | {r['page']} | {s['seconds']:.2f} | {r['rows'] / s['seconds']:,.0f} |"
                   f" {r['user_s']:.2f} | {r['F']:.2f} ({r['F_how']}) | {r['C']:.2f} ({r['C_how']}) |"
                   f" {s['seconds'] / r['user_s']:.2f} | {s['seconds'] / max(r['F'], r['C']):.2f} |"
                   f" {s['anon_pages_kb'] / 1024:.1f} / {s['anon_publish_kb'] / 1024:.1f} |"
+                  f" {s['cpu_s']:.1f} |"
                   f" {s['calls'][0]} + {s['calls'][1]} metadata ({math.ceil(r['rows'] / r['page']) + 1}) |")
         print("\nBaseline: Python, http.client keep-alive, json.loads, csv, psycopg2 COPY per page,"
               " one transaction. F: every page fetched by one separate process and discarded."
