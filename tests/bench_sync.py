@@ -1,6 +1,7 @@
 """Sync benchmark: ciflow.sync against what users would write and against the floors, one run.
 
-    cd /work/wt-bench          # or any checkout, after `make install` into the PostgreSQL on PATH
+    export PATH=/opt/pgtest2/usr/lib/postgresql/15/bin:$PATH   # e.g. a private PostgreSQL
+    make PG_CONFIG=$(which pg_config) && make PG_CONFIG=$(which pg_config) install
     /usr/bin/python3 tests/bench_sync.py                       # as root; the full run
     /usr/bin/python3 tests/bench_sync.py --quick               # a smoke run (20,000 rows)
         [--rows 200000,1000000] [--page-sizes 1000,5000] [--resync-rows 200000]
