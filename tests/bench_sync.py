@@ -57,7 +57,6 @@ measurement, not a test (pytest never collects it: its name does not start with 
 
 import argparse
 import http.client
-import json
 import math
 import os
 import platform
@@ -597,8 +596,15 @@ def main():
     if shutil.which("curl") is None:
         sys.exit("curl is needed for floor F (apt-get install curl)")
 
-    started = time.perf_counter()
     tmpdir = tempfile.mkdtemp(prefix="ciflow-bench-")
+    try:
+        run(args, sizes, page_sizes, limit_sizes, tmpdir)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def run(args, sizes, page_sizes, limit_sizes, tmpdir):
+    started = time.perf_counter()
     max_top = max(page_sizes + limit_sizes + [1000])
     # Every page of the largest entity at every page size stays rendered (~650 B a row).
     cache_mb = max(512, int(max(sizes + [args.resync_rows]) * 700 * len(page_sizes) / 2 ** 20) + 256)
@@ -668,7 +674,6 @@ def main():
             citus_table(emu, args.citus_rows, page_sizes[0])
         total = time.perf_counter() - started
         print_summary(info, results, limit_rows, resync, args, total)
-    shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 def print_first_sync(results):
