@@ -57,6 +57,7 @@ CI_PREFIX = "/v1"
 DV_PREFIX = "/api/data/v9.2"
 TICKS = 10_000_000          # 100 ns ticks per second: .NET's 7 fractional digits
 LOG_CAP = 100_000           # request log entries kept in memory
+PAGE_CACHE_MB = 256         # rendered data pages kept in memory (--page-cache-mb)
 
 # Signs $skiptoken values and /_files/ URLs.  Fixed, so that links are identical across runs
 # (tests can compare them) while still being unforgeable by a client that edits them.
@@ -2130,7 +2131,7 @@ class State:
     """Everything the emulator knows, guarded by one re-entrant lock."""
 
     def __init__(self, cli_settings, scenario=None, scenario_dir=None, log_file=None,
-                 control=True):
+                 control=True, page_cache_mb=PAGE_CACHE_MB):
         self.lock = threading.RLock()
         self.cli_settings = cli_settings
         self.scenario = scenario
@@ -2145,6 +2146,9 @@ class State:
         self.fault_ids = itertools.count(1)
         self.cache = collections.OrderedDict()
         self.cache_lock = threading.Lock()
+        self.pages = collections.OrderedDict()      # see rendered_page()
+        self.pages_bytes = 0
+        self.pages_cap = max(0, int(page_cache_mb)) << 20
         self.reset()
 
     def reset(self):
@@ -2164,6 +2168,7 @@ class State:
             self.log.clear()
             with self.cache_lock:
                 self.cache.clear()
+            self.drop_pages()
 
     def load(self, scen, base_dir=None):
         if not isinstance(scen, dict):
@@ -2231,6 +2236,40 @@ class State:
             while len(self.cache) > 16:
                 self.cache.popitem(last=False)
         return value
+
+    def rendered_page(self, key, compute):
+        """The bytes of a page's "value" array and its row count, rendered once per key.
+
+        A page of a big entity costs Python far more to generate and encode than to send, so a
+        client paging through it would measure the emulator, not the transfer.  Rendered arrays
+        are kept (least recently used first out) up to --page-cache-mb.  Keys hold the RowSet's
+        version, and every change of rows makes a new RowSet, so a stale page can never be
+        served; control calls that change anything also drop them all (drop_pages), which
+        frees the memory at once.  The bytes are exactly what rendering them again would give."""
+        if not self.pages_cap:
+            return compute()
+        with self.cache_lock:
+            hit = self.pages.get(key)
+            if hit is not None:
+                self.pages.move_to_end(key)
+                return hit
+        value = compute()
+        size = len(value[0])
+        if size > self.pages_cap:
+            return value
+        with self.cache_lock:
+            if key not in self.pages:
+                self.pages[key] = value
+                self.pages_bytes += size
+                while self.pages_bytes > self.pages_cap:
+                    _, (old, _) = self.pages.popitem(last=False)
+                    self.pages_bytes -= len(old)
+        return value
+
+    def drop_pages(self):
+        with self.cache_lock:
+            self.pages.clear()
+            self.pages_bytes = 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -2587,6 +2626,7 @@ class DataQuery:
             raise odata_bad_request("Invalid value '%s' for $count query option found." % count)
         self.want_count = count is not None and count.lower() == "true"
         cf = CompiledFilter(filt, ent, self.inst.members) if filt is not None else None
+        self.plain = cf is None and self.term is None     # no row is picked by a condition
         self.rowset = self.inst.rows_of(ent)
         self.idx = result_indices(self.state, self.inst, ent, self.rowset, cf, filt, self.term, self.order)
         self.qhash = query_hash(ent, p)
@@ -2616,6 +2656,20 @@ class DataQuery:
             out.append(enc.encode(r, self.select, extra))
         return out
 
+    def page_value(self, offset, size):
+        """The page's "value" array as (UTF-8 bytes, row count).  Whole rows of an unfiltered
+        query (ciflow's pull, a paging client) are rendered once (State.rendered_page); the
+        key holds everything the bytes depend on: the rows (RowSet version), the attributes
+        and their types (encoding and sort order), $orderby and the slice."""
+        def compute():
+            rows = self.page_rows(offset, size)
+            return to_bytes("[" + ",".join(rows) + "]"), len(rows)
+        if not (self.plain and self.select is None and not self.expand
+                and not self.settings["numbers_as_strings"]):
+            return compute()
+        key = (self.rowset.version, tuple(self.ent.types.items()), tuple(self.order), offset, size)
+        return self.state.rendered_page(key, compute)
+
     def context_url(self):
         if self.dataverse:
             return "%s%s/$metadata#%s" % (self.ctx.root, DV_PREFIX, self.ent.entity_set)
@@ -2624,14 +2678,19 @@ class DataQuery:
                                                          self.ent.name, sel)
 
     def respond(self, body, rows, headers=None):
-        """body: the annotations in order, with "value" standing where the rows go."""
-        parts = [_json_str(k) + ":" + ("[" + ",".join(rows) + "]" if k == "value" else json_value(v))
-                 for k, v in body.items()]
-        return Reply(200, to_bytes("{" + ",".join(parts) + "}"),
+        """body: the annotations in order, with "value" standing where the rows go; rows: the
+        rows' JSON texts, or (bytes of the whole array, row count) from page_value."""
+        if isinstance(rows, list):
+            rows = to_bytes("[" + ",".join(rows) + "]"), len(rows)
+        value, count = rows
+        # Encoded piece by piece: UTF-8 of a concatenation is the concatenation of the pieces'.
+        parts = [to_bytes(_json_str(k) + ":") + value if k == "value"
+                 else to_bytes(_json_str(k) + ":" + json_value(v)) for k, v in body.items()]
+        return Reply(200, b"{" + b",".join(parts) + b"}",
                      "application/json; odata.metadata=minimal; odata.streaming=true; "
                      "IEEE754Compatible=%s; charset=utf-8"
                      % ("true" if self.settings["numbers_as_strings"] else "false"),
-                     [("OData-Version", "4.0")] + (headers or []), rows=len(rows))
+                     [("OData-Version", "4.0")] + (headers or []), rows=count)
 
     def ci_page(self):
         if "$deltatoken" in self.params:
@@ -2646,16 +2705,16 @@ class DataQuery:
             top = _nonneg(p, "$top")
             size = min(self.settings["default_page"] if top is None else top, self.settings["max_top"])
         total = len(self.idx)
-        rows = self.page_rows(offset, size)
+        rows = self.page_value(offset, size)
         body = {"@odata.context": self.context_url()}
         mode = self.settings["count"]
         if mode == "always" or (mode == "request" and self.want_count):
             body["@odata.count"] = total
         body["value"] = None
         nl = self.settings["nextlink"]
-        if nl != "off" and size > 0 and offset + len(rows) < total:
+        if nl != "off" and size > 0 and offset + rows[1] < total:
             q = kept_query(self.raw_query, self.from_path_pairs)
-            token = make_ci_token(offset + len(rows), size, self.qhash)
+            token = make_ci_token(offset + rows[1], size, self.qhash)
             q.append("$skiptoken=" + urllib.parse.quote(token, safe=""))
             name = urllib.parse.quote(self.ent.name, safe="")
             rooted = "%s/instances/%s/data/%s" % (CI_PREFIX, self.inst.id, name)
@@ -3477,6 +3536,11 @@ def check_bearer(ctx):
 # The control interface (C.5): JSON under /_control/, no credentials, faults or rate limit
 # --------------------------------------------------------------------------------------------
 
+# Control routes that never change an entity's rows (a bench clears the log between pulls
+# of pages it rendered beforehand).
+_ROWLESS_CONTROL = {"log", "faults", "tokens", "clock"}
+
+
 class Control:
     def __init__(self, ctx):
         self.ctx = ctx
@@ -3516,6 +3580,8 @@ class Control:
                            % (method, "/".join(segs))) from None
         with st.lock:
             st.tick()
+            if method != "GET" and head not in _ROWLESS_CONTROL:
+                st.drop_pages()         # rows may change: no page rendered before is kept
             result = fn(*rest)
         # Slow reads (stats, rows of a big entity) come back as a function: run it unlocked.
         return result() if callable(result) else result
@@ -4404,6 +4470,10 @@ def build_parser():
     p.add_argument("--tls-key", help="private key of --tls-cert")
     p.add_argument("--log-file", help="append the request log to this file as NDJSON")
     p.add_argument("--no-control", action="store_true", help="disable /_control/")
+    p.add_argument("--page-cache-mb", type=int, default=PAGE_CACHE_MB, metavar="MB",
+                   help="memory for rendered data pages, each rendered once and served again "
+                        "while its rows are unchanged (default %d; 0 renders every request)"
+                        % PAGE_CACHE_MB)
     for name, default, parser, text in SETTINGS:
         shown = {None: "off", False: "off", True: "on"}.get(default, default)
         kw = {"nargs": "?", "const": "true"} if parser is _bool else {}
@@ -4431,7 +4501,8 @@ def main(argv=None):
             with open(args.scenario, encoding="utf-8") as f:
                 scenario = load_json_text(f.read())
             scen_dir = os.path.dirname(os.path.abspath(args.scenario))
-        state = State(cli_settings, scenario, scen_dir, args.log_file, not args.no_control)
+        state = State(cli_settings, scenario, scen_dir, args.log_file, not args.no_control,
+                      args.page_cache_mb)
     except (BadRequest, OSError, ValueError) as e:
         parser.error(str(e))
     ssl_ctx = None

@@ -53,6 +53,8 @@ PG_OS_USER = os.environ.get("CIFLOW_PG_OS_USER", "postgres")
 
 # Settings every throwaway cluster gets; a test's `settings` override them.
 # fsync/synchronous_commit off: clusters are disposable, speed matters more.
+# PgCluster(durable=True) leaves DURABILITY_SETTINGS out (PostgreSQL's defaults,
+# all on): a benchmark must pay for every WAL flush a real server pays for.
 DEFAULT_SETTINGS = {
     "listen_addresses": "127.0.0.1",
     "fsync": "off",
@@ -67,6 +69,7 @@ DEFAULT_SETTINGS = {
     "timezone": "UTC",
     "datestyle": "iso, mdy",
 }
+DURABILITY_SETTINGS = ("fsync", "synchronous_commit", "full_page_writes")
 
 
 class PgError(Exception):
@@ -293,16 +296,21 @@ class PgCluster:
     """A throwaway PostgreSQL cluster.
 
     settings: extra postgresql.conf settings (override DEFAULT_SETTINGS);
-    preload:  add shared_preload_libraries = 'ciflow'.
+    preload:  add shared_preload_libraries = 'ciflow';
+    durable:  keep PostgreSQL's default durability (fsync, synchronous_commit
+              and full_page_writes on) instead of the tests' all-off.
 
     The cluster is initialised in the constructor and started by start() (or
     by using it as a context manager). cleanup() always leaves nothing
     behind: no server process, no directory.
     """
 
-    def __init__(self, settings=None, preload=False, prefix="ciflow-pg-"):
+    def __init__(self, settings=None, preload=False, prefix="ciflow-pg-", durable=False):
         self.bindir = pg_bindir()
         self.settings = dict(DEFAULT_SETTINGS)
+        if durable:
+            for name in DURABILITY_SETTINGS:
+                del self.settings[name]
         if preload:
             self.settings["shared_preload_libraries"] = "ciflow"
         self.settings.update(settings or {})
