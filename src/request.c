@@ -577,47 +577,6 @@ CiflowRequestFinish(CiflowPendingRequest *p)
 	}
 }
 
-/* TEMPORARY until the multi-interface request path lands. */
-struct CiflowPendingRequest
-{
-	CiflowResponse resp;
-};
-
-CiflowPendingRequest *
-CiflowRequestStart(const CiflowRequest *req)
-{
-	CiflowPendingRequest *pending = palloc(sizeof(CiflowPendingRequest));
-
-	pending->resp = CiflowRequestPerform(req);
-	return pending;
-}
-
-CiflowResponse
-CiflowRequestFinish(CiflowPendingRequest *pending)
-{
-	return pending->resp;
-}
-
-void
-CiflowRequestCancel(CiflowPendingRequest *p)
-{
-	if (p->in_flight)
-		CiflowHttpCancel(&p->t);
-	p->in_flight = false;
-}
-
-void
-CiflowRequestPump(void)
-{
-	CiflowHttpPump();
-}
-
-CiflowResponse
-CiflowRequestPerform(const CiflowRequest *req)
-{
-	return CiflowRequestFinish(CiflowRequestStart(req));
-}
-
 void
 CiflowReframeError(ErrorData *edata, const char *failmsg)
 {

@@ -70,11 +70,6 @@ extern char *CiflowServiceMessage(const char *body, size_t len);
 /* Returns a 2xx answer or raises an ERROR with SQLSTATE, DETAIL and HINT. */
 extern CiflowResponse CiflowRequestPerform(const CiflowRequest *req);
 
-/* The same in two steps: the request goes out, the caller works, then waits. */
-typedef struct CiflowPendingRequest CiflowPendingRequest;
-extern CiflowPendingRequest *CiflowRequestStart(const CiflowRequest *req);
-extern CiflowResponse CiflowRequestFinish(CiflowPendingRequest *pending);
-
 /*
  * The same in two halves, so that a caller can receive one answer while it
  * works on another (a page while it loads the one before).
