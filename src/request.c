@@ -578,6 +578,26 @@ CiflowRequestFinish(CiflowPendingRequest *p)
 }
 
 void
+CiflowRequestCancel(CiflowPendingRequest *p)
+{
+	if (p->in_flight)
+		CiflowHttpCancel(&p->t);
+	p->in_flight = false;
+}
+
+void
+CiflowRequestPump(void)
+{
+	CiflowHttpPump();
+}
+
+CiflowResponse
+CiflowRequestPerform(const CiflowRequest *req)
+{
+	return CiflowRequestFinish(CiflowRequestStart(req));
+}
+
+void
 CiflowReframeError(ErrorData *edata, const char *failmsg)
 {
 	StringInfoData detail;
