@@ -92,6 +92,14 @@ _PG_init(void)
 							PGC_USERSET, 0,
 							NULL, NULL, NULL);
 
+	DefineCustomBoolVariable("ciflow.analyze_after_sync",
+							 "Whether a sync that changed its target ends with ANALYZE of it.",
+							 "Off, as after COPY: autovacuum analyzes a new or much changed table at its next pass.",
+							 &ciflow_settings.analyze_after_sync,
+							 false,
+							 PGC_USERSET, 0,
+							 NULL, NULL, NULL);
+
 	DefineCustomIntVariable("ciflow.event_retention",
 							"How long rows of ciflow.events are kept.",
 							"ciflow.trim_events() deletes older ones.  Superusers only: the log is shared by every role.",

@@ -30,6 +30,7 @@ typedef struct CiflowSettings
 	int			max_concurrent_jobs;	/* the launcher's children at once */
 	int			max_backoff_s;	/* longest back-off of a failing job */
 	int			delivery_max_attempts;	/* per event delivery, first included */
+	bool		analyze_after_sync; /* ANALYZE a target a sync changed */
 } CiflowSettings;
 
 extern CiflowSettings ciflow_settings;

@@ -11,7 +11,7 @@
  *	  after page: fetch (no transaction open), parse, start the next
  *	  page's request, insert (short transactions, progress included) ->
  *	  publish the difference, or the new target, and record the end (one
- *	  transaction) -> ANALYZE.
+ *	  transaction) -> ANALYZE, if ciflow.analyze_after_sync asks for it.
  *
  *	  It manages its own transactions, so it runs where no transaction is
  *	  open: in a background worker (syncworker.c).  Whatever fails, the
@@ -42,6 +42,7 @@
 #include "utils/snapmgr.h"
 
 #include "apply.h"
+#include "ciflow.h"
 #include "connection.h"
 #include "entitykeys.h"
 #include "load.h"
@@ -730,8 +731,11 @@ CiflowSyncExecute(const CiflowSyncArgs *args, CiflowRunState *run)
 	PG_END_TRY();
 
 	CiflowUnlockTarget(target);
-	/* A run that changed nothing leaves the statistics (and WAL) alone. */
-	if (changed)
+	/*
+	 * Statistics are autovacuum's, as after COPY, unless the session asks:
+	 * then a run that changed nothing still leaves them (and WAL) alone.
+	 */
+	if (changed && ciflow_settings.analyze_after_sync)
 		AnalyzeAfterPublish(target, caller_cxt);
 	/* The run's memory goes; what the caller reads of it must not. */
 	if (run->watermark != NULL)

@@ -213,3 +213,24 @@ def test_first_sync_under_a_publication_of_every_table(ciflow_db, ci_connection,
     assert primary_key_columns(ciflow_db, "emu", "person") == ["person_id"]
     assert ciflow_db.sql("SELECT col_description(%s::regclass, 1)", (TABLE,)) == [("PersonId",)]
     assert hidden_tables(ciflow_db) == []
+
+
+def test_statistics_are_autovacuums_unless_asked_for(ciflow_db, make_connection, emulator):
+    """As after COPY, a sync leaves ANALYZE to autovacuum; ciflow.analyze_after_sync runs it."""
+    emulator.set_entity("Stats", {"entityType": "profile"},
+                        generate={"schema": "customer", "rows": 300, "seed": 3})
+    make_connection("emu", emulator, page_size=100)
+
+    def analyzed(table):
+        ciflow_db.sql("SELECT pg_stat_clear_snapshot()")
+        return ciflow_db.sql("SELECT count(*) FROM pg_stats WHERE schemaname = 'emu'"
+                             " AND tablename = %s", (table,))[0][0] > 0
+
+    sync(ciflow_db, "emu", "Stats")
+    assert not analyzed("stats")
+    with session(ciflow_db, {"ciflow.analyze_after_sync": "on"}) as conn:
+        sync(ciflow_db, "emu", "Stats", target="emu.stats_analyzed", conn=conn)
+    assert analyzed("stats_analyzed")
+    # ANALYZE's count replaces the publish's, never adds to it.
+    assert ciflow_db.sql("SELECT reltuples FROM pg_class WHERE oid = 'emu.stats_analyzed'"
+                         "::regclass")[0][0] == 300

@@ -83,8 +83,8 @@ def slow_people(ciflow_db, ci_connection, emulator):
                   " DROP TABLE public.slow_switch")
 
 
-def cancelled_sync(db, timeout):
-    with session(db, {"statement_timeout": timeout}) as conn:
+def cancelled_sync(db, timeout, **settings):
+    with session(db, {"statement_timeout": timeout, **settings}) as conn:
         with raises_sqlstate("57014"):
             sync(db, "emu", ENTITY, conn=conn)
     wait_for(lambda: not sync_workers(db), timeout=30, what="the worker to exit")
@@ -131,7 +131,7 @@ def test_cancel_after_the_publish(ciflow_db, slow_people):
     ciflow_db.sql("UPDATE public.slow_switch SET on_ = true")
     upsert(slow_people, [person(1, score=77)])
     started = time.monotonic()
-    cancelled_sync(ciflow_db, "3s")
+    cancelled_sync(ciflow_db, "3s", **{"ciflow.analyze_after_sync": "on"})
     assert time.monotonic() - started < 60
     # The publish had committed: the run and the new contents stand.
     assert last_run(ciflow_db) == ("succeeded", 1)
