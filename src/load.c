@@ -360,7 +360,7 @@ RowEnd(void *arg)
 }
 
 void
-CiflowLoaderParse(CiflowLoader *ld, const char *body, size_t len, int page_no,
+CiflowLoaderParse(CiflowLoader *ld, char *body, size_t len, int page_no,
 				  const char *failmsg, CiflowPageInfo *info)
 {
 	ErrorContextCallback errcb;

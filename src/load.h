@@ -32,10 +32,10 @@ extern void CiflowLoaderAcceptDeletions(CiflowLoader *loader, bool accept);
  * Parses one page's body into tuples that the loader holds until
  * CiflowLoaderInsert; *info gets the page's annotations, valid until the
  * next page.  page_no is for messages.  In a transaction: a column type's
- * input function may read the catalogs.  The body may be freed as soon as
- * this returns.
+ * input function may read the catalogs.  The body is spent (its strings
+ * are ended in place) and may be freed as soon as this returns.
  */
-extern void CiflowLoaderParse(CiflowLoader *loader, const char *body, size_t len,
+extern void CiflowLoaderParse(CiflowLoader *loader, char *body, size_t len,
 							  int page_no, const char *failmsg, CiflowPageInfo *info);
 
 /* Inserts the tuples of the page parsed last; returns how many. */

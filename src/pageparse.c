@@ -49,7 +49,7 @@ typedef enum TopField
 typedef struct PageParse
 {
 	JsonLexContext *lex;
-	const char *body;
+	char	   *body;			/* the page's: its strings end in place */
 	const CiflowRowSink *sink;
 	CiflowPageInfo *info;
 	const char *failmsg;
@@ -86,19 +86,24 @@ ReportJsonError(PageParse *pp, JsonParseErrorType rc, JsonLexContext *lex, size_
 }
 
 /*
- * The string token at [start, end), quotes included, as text: its bytes
- * when it holds no escape, else what the lexer makes of it alone (which
- * also checks what the page's lexing did not: surrogate pairs, \u0000).
+ * The string token at [start, end), quotes included, as text.  One that
+ * holds no escape is its own bytes: its closing quote becomes the NUL that
+ * ends it (the lexer is past it and never looks back).  One with an escape
+ * is what the lexer makes of it alone, which also checks what the page's
+ * lexing did not: surrogate pairs, \u0000.
  */
 static char *
-StringText(PageParse *pp, const char *start, const char *end)
+StringText(PageParse *pp, char *start, char *end)
 {
 	JsonLexContext *lex;
 	JsonParseErrorType rc;
 
 	if (memchr(start + 1, '\\', end - start - 2) == NULL)
-		return pnstrdup(start + 1, end - start - 2);
-	lex = makeJsonLexContextCstringLen((char *) start, (int) (end - start), PG_UTF8, true);
+	{
+		end[-1] = '\0';
+		return start + 1;
+	}
+	lex = makeJsonLexContextCstringLen(start, (int) (end - start), PG_UTF8, true);
 	rc = json_lex(lex);
 	if (rc != JSON_SUCCESS)
 		ReportJsonError(pp, rc, lex, end - start);
@@ -142,8 +147,8 @@ ScalarToken(PageParse *pp, char **token, JsonTokenType *type)
 static char *
 FieldName(PageParse *pp)
 {
-	const char *close = pp->lex->prev_token_terminator - 1;	/* the colon */
-	const char *open;
+	char	   *close = pp->lex->prev_token_terminator - 1;	/* the colon */
+	char	   *open;
 
 	Assert(*close == ':');
 	do
@@ -373,7 +378,7 @@ SingleScalar(void *state, char *token, JsonTokenType type)
 }
 
 static void
-Parse(PageParse *pp, const char *body, size_t len)
+Parse(PageParse *pp, char *body, size_t len)
 {
 	JsonSemAction sem;
 	JsonParseErrorType rc;
@@ -395,7 +400,7 @@ Parse(PageParse *pp, const char *body, size_t len)
 	 * A single value is small: the lexer de-escapes it as it goes.
 	 */
 	pp->body = body;
-	pp->lex = makeJsonLexContextCstringLen((char *) body, (int) len, PG_UTF8, pp->single);
+	pp->lex = makeJsonLexContextCstringLen(body, (int) len, PG_UTF8, pp->single);
 	memset(&sem, 0, sizeof(sem));
 	sem.semstate = pp;
 	sem.object_start = ObjectStart;
@@ -428,7 +433,7 @@ Parse(PageParse *pp, const char *body, size_t len)
 }
 
 void
-CiflowParsePage(const char *body, size_t len, const CiflowRowSink *sink,
+CiflowParsePage(char *body, size_t len, const CiflowRowSink *sink,
 				CiflowPageInfo *info, const char *failmsg)
 {
 	PageParse	pp;
@@ -448,7 +453,7 @@ CiflowParsePage(const char *body, size_t len, const CiflowRowSink *sink,
 }
 
 void
-CiflowParseValue(const char *json, size_t len, const CiflowRowSink *sink,
+CiflowParseValue(char *json, size_t len, const CiflowRowSink *sink,
 				 const char *failmsg)
 {
 	PageParse	pp;

@@ -42,16 +42,17 @@ typedef struct CiflowPageInfo
  * len) as an OData collection page: {"value": [row, ...], annotations}.
  * Errors (not JSON, invalid UTF-8, no "value" array, a row that is not an
  * object) are raised under failmsg.  Memory allocated by the parse itself
- * is freed row by row.
+ * is freed row by row.  The body is the parse's to write: its strings are
+ * ended in place, so it is of no use afterwards.
  */
-extern void CiflowParsePage(const char *body, size_t len, const CiflowRowSink *sink,
+extern void CiflowParsePage(char *body, size_t len, const CiflowRowSink *sink,
 							CiflowPageInfo *info, const char *failmsg);
 
 /*
  * A single JSON value (a test or a small document): a scalar goes to
  * scalar, a composite to composite, with field NULL.
  */
-extern void CiflowParseValue(const char *json, size_t len, const CiflowRowSink *sink,
+extern void CiflowParseValue(char *json, size_t len, const CiflowRowSink *sink,
 							 const char *failmsg);
 
 #endif							/* CIFLOW_PAGEPARSE_H */

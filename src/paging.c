@@ -217,6 +217,21 @@ TakeNextLink(CiflowPager *p, const char *link, const char *request_url)
 }
 
 /*
+ * What tells two pages apart: their length and their first and last 16 kB.
+ * A server that ignores $skip sends the same bytes again; pages of other
+ * rows differ from their first row on.  (Hashing whole bodies cost 2 % of
+ * a sync.)
+ */
+static uint64
+PageDigest(const char *body, size_t len)
+{
+	size_t		n = Min(len, (size_t) 16384);
+	uint64		h = hash_bytes_extended((const unsigned char *) body, (int) n, (uint64) len);
+
+	return hash_bytes_extended((const unsigned char *) body + len - n, (int) n, h);
+}
+
+/*
  * Puts the next page's request under way.  What it needs lives in
  * page_cxt, which the page before no longer uses.
  */
@@ -253,7 +268,7 @@ StartPage(CiflowPager *p)
 }
 
 bool
-CiflowPagerFetch(CiflowPager *p, const char **body, size_t *len)
+CiflowPagerFetch(CiflowPager *p, char **body, size_t *len)
 {
 	CiflowResponse resp;
 	MemoryContext old;
@@ -276,7 +291,7 @@ CiflowPagerFetch(CiflowPager *p, const char **body, size_t *len)
 		return false;
 	}
 	p->pages++;
-	p->page_hash = hash_bytes_extended((const unsigned char *) resp.body, resp.len, 0);
+	p->page_hash = PageDigest(resp.body, resp.len);
 	*body = resp.body;
 	*len = resp.len;
 	return true;

@@ -26,9 +26,10 @@ extern CiflowPager *CiflowPagerBegin(const CiflowConnection *conn,
 /*
  * The next page's body (NUL-terminated at *len), or false when the pull is
  * complete.  Outside a transaction: it may wait for the transfer.  The
- * body is the pager's and lives until CiflowPagerAccept.
+ * body lives until CiflowPagerAccept; the caller may write it (a parse
+ * ends its strings in place).
  */
-extern bool CiflowPagerFetch(CiflowPager *pager, const char **body, size_t *len);
+extern bool CiflowPagerFetch(CiflowPager *pager, char **body, size_t *len);
 
 /*
  * What the page Fetch returned said, once it is parsed: advances the pull

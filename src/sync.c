@@ -473,7 +473,7 @@ PullPages(const CiflowSyncArgs *args, const CiflowConnection *conn, const Ciflow
 {
 	CiflowPager *pager;
 	Relation	staging;
-	const char *body;
+	char	   *body;
 	size_t		len;
 	const char *link;
 	char	   *delta_link;
