@@ -54,6 +54,14 @@ extern char *ciflow_database;
  */
 extern void CiflowRefuseRestricted(void);
 
+/*
+ * Runs fn(arg) in a subtransaction, as PL/pgSQL runs a block with an
+ * EXCEPTION clause: the memory context and resource owner are left as they
+ * were, whichever way it ends.  NULL when fn succeeded; else its error, in
+ * the caller's context, rolled back: the caller rethrows it or drops it.
+ */
+extern ErrorData *CiflowTrySubtransaction(void (*fn) (void *arg), void *arg);
+
 /* Wipes a palloc'd string that held a secret, then frees it (NULL is fine). */
 extern void CiflowFreeSecret(char *s);
 

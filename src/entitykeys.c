@@ -36,10 +36,10 @@
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
-#include "utils/resowner.h"
 #include "utils/snapmgr.h"
 
 #include "catalog.h"
+#include "ciflow.h"
 #include "entitykeys.h"
 #include "odata.h"
 
@@ -345,44 +345,40 @@ WriteKeys(const char *connection, CiflowEntityKeys *const *keys, int n)
 	AtEOXact_GUC(true, guc_nest);
 }
 
+typedef struct WriteKeysArgs
+{
+	const char *connection;
+	CiflowEntityKeys *const *keys;
+	int			n;
+} WriteKeysArgs;
+
+static void
+WriteKeysIn(void *arg)
+{
+	WriteKeysArgs *a = (WriteKeysArgs *) arg;
+
+	WriteKeys(a->connection, a->keys, a->n);
+}
+
 void
 CiflowEntityKeysRemember(const char *connection, CiflowEntityKeys *const *keys, int n)
 {
-	MemoryContext cxt = CurrentMemoryContext;
-	ResourceOwner owner = CurrentResourceOwner;
+	WriteKeysArgs args = {connection, keys, n};
+	ErrorData  *edata;
 
 	if (n == 0 || !IsTransactionState() || XactReadOnly || RecoveryInProgress() ||
 		IsInParallelMode() || !OidIsValid(EntityKeysRelid()))
 		return;
 
-	BeginInternalSubTransaction(NULL);
-	MemoryContextSwitchTo(cxt);
-	PG_TRY();
-	{
-		WriteKeys(connection, keys, n);
-		ReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(cxt);
-		CurrentResourceOwner = owner;
-	}
-	PG_CATCH();
-	{
-		ErrorData  *edata;
-
-		MemoryContextSwitchTo(cxt);
-		edata = CopyErrorData();
-		FlushErrorState();
-		RollbackAndReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(cxt);
-		CurrentResourceOwner = owner;
-
-		/* A cancel, a timeout or a shutdown is the user's, not the cache's. */
-		if (ERRCODE_TO_CATEGORY(edata->sqlerrcode) == ERRCODE_OPERATOR_INTERVENTION)
-			ReThrowError(edata);
-		elog(DEBUG1, "ciflow: the metadata of connection \"%s\" was not remembered: %s",
-			 connection, edata->message);
-		FreeErrorData(edata);
-	}
-	PG_END_TRY();
+	edata = CiflowTrySubtransaction(WriteKeysIn, &args);
+	if (edata == NULL)
+		return;
+	/* A cancel, a timeout or a shutdown is the user's, not the cache's. */
+	if (ERRCODE_TO_CATEGORY(edata->sqlerrcode) == ERRCODE_OPERATOR_INTERVENTION)
+		ReThrowError(edata);
+	elog(DEBUG1, "ciflow: the metadata of connection \"%s\" was not remembered: %s",
+		 connection, edata->message);
+	FreeErrorData(edata);
 }
 
 void

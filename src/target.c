@@ -56,9 +56,9 @@
 #include "utils/memutils.h"
 #include "utils/rel.h"
 #include "utils/regproc.h"
-#include "utils/resowner.h"
 #include "utils/syscache.h"
 
+#include "ciflow.h"
 #include "target.h"
 
 /*
@@ -666,44 +666,33 @@ CiflowAddPrimaryKey(const CiflowTarget *t, const CiflowShape *shape)
 	SPI_finish();
 }
 
-/*
- * As PL/pgSQL runs a block with an EXCEPTION clause: the subtransaction
- * leaves the memory context and resource owner as they were, whichever
- * way it ends.  Any error but 23505 goes on.
- */
+typedef struct AddKeyArgs
+{
+	const CiflowTarget *t;
+	const CiflowShape *shape;
+} AddKeyArgs;
+
+static void
+AddKeyIn(void *arg)
+{
+	AddKeyArgs *a = (AddKeyArgs *) arg;
+
+	CiflowAddPrimaryKey(a->t, a->shape);
+}
+
+/* False when the key's values are not unique (23505); any other error goes on. */
 bool
 CiflowTryAddPrimaryKey(const CiflowTarget *t, const CiflowShape *shape)
 {
-	MemoryContext cxt = CurrentMemoryContext;
-	ResourceOwner owner = CurrentResourceOwner;
-	volatile bool added = true;
+	AddKeyArgs	args = {t, shape};
+	ErrorData  *edata = CiflowTrySubtransaction(AddKeyIn, &args);
 
-	BeginInternalSubTransaction(NULL);
-	MemoryContextSwitchTo(cxt);
-	PG_TRY();
-	{
-		CiflowAddPrimaryKey(t, shape);
-		ReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(cxt);
-		CurrentResourceOwner = owner;
-	}
-	PG_CATCH();
-	{
-		ErrorData  *edata;
-
-		MemoryContextSwitchTo(cxt);
-		edata = CopyErrorData();
-		FlushErrorState();
-		RollbackAndReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(cxt);
-		CurrentResourceOwner = owner;
-		if (edata->sqlerrcode != ERRCODE_UNIQUE_VIOLATION)
-			ReThrowError(edata);
-		FreeErrorData(edata);
-		added = false;
-	}
-	PG_END_TRY();
-	return added;
+	if (edata == NULL)
+		return true;
+	if (edata->sqlerrcode != ERRCODE_UNIQUE_VIOLATION)
+		ReThrowError(edata);
+	FreeErrorData(edata);
+	return false;
 }
 
 /*

@@ -13,8 +13,9 @@ import uuid
 import pytest
 
 from extension.cihelpers import (api_requests, connection_args, create_connection_sql,
-                                 query_of, raises_sqlstate, assert_names, assert_http_detail,
+                                 raises_sqlstate, assert_names, assert_http_detail,
                                  sync)
+from extension.test_actions import item_calls as calls
 
 BIG = 9007199254740993              # 2^53 + 1: exact only as an integer literal
 
@@ -40,17 +41,6 @@ PERSON = {"entityType": "profile",
           "keys": [["PersonId"]]}
 PERSON_ROWS = [{"PersonId": str(uuid.UUID(int=k)), "Name": f"p{k}", "Age": 30 + k}
                for k in range(1, 4)]
-
-
-def calls(emu):
-    """('metadata' | 'data', $filter) of each API request in the log."""
-    out = []
-    for c in api_requests(emu):
-        if "/manage/entities" in c["path"] or c["path"].endswith("$metadata"):
-            out.append(("metadata", None))
-        else:
-            out.append(("data", query_of(c).get("$filter")))
-    return out
 
 
 def strip(row):
