@@ -51,6 +51,7 @@
 #include "storage/lmgr.h"
 #include "utils/acl.h"
 #include "utils/builtins.h"
+#include "utils/guc.h"
 #include "utils/inval.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
@@ -652,6 +653,13 @@ CiflowPublishInPlace(CiflowTarget *t)
 	SPI_finish();
 }
 
+/*
+ * The key's sort keeps at most this much in memory (less if
+ * maintenance_work_mem says so) and spills the rest to disk, as CREATE
+ * INDEX does: the worker's memory must not grow with the entity.
+ */
+#define KEY_BUILD_MEMORY_KB 32768
+
 void
 CiflowAddPrimaryKey(const CiflowTarget *t, const CiflowShape *shape)
 {
@@ -661,6 +669,9 @@ CiflowAddPrimaryKey(const CiflowTarget *t, const CiflowShape *shape)
 		return;
 	initStringInfo(&keys);
 	CiflowAppendColumns(&keys, shape, true, "");
+	if (maintenance_work_mem > KEY_BUILD_MEMORY_KB)
+		(void) set_config_option("maintenance_work_mem", psprintf("%d", KEY_BUILD_MEMORY_KB),
+								 PGC_USERSET, PGC_S_SESSION, GUC_ACTION_LOCAL, true, 0, false);
 	SPI_connect();
 	CiflowExecSql(psprintf("ALTER TABLE %s ADD PRIMARY KEY (%s)", t->qualified, keys.data));
 	SPI_finish();
