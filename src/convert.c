@@ -31,6 +31,7 @@
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
 #include "utils/numeric.h"
+#include "utils/uuid.h"
 
 #include "ciflow.h"
 #include "convert.h"
@@ -185,6 +186,18 @@ ConvertBool(const CiflowConverter *conv, char *token, JsonTokenType type)
 	return Input(conv, token, type);
 }
 
+static int
+HexDigit(char c)
+{
+	if (c >= '0' && c <= '9')
+		return c - '0';
+	if (c >= 'a' && c <= 'f')
+		return c - 'a' + 10;
+	if (c >= 'A' && c <= 'F')
+		return c - 'A' + 10;
+	return -1;
+}
+
 /* "dd" at s, as a number; false unless both are digits. */
 static bool
 Digits(const char *s, int n, int *value)
@@ -306,6 +319,40 @@ ConvertDate(const CiflowConverter *conv, char *token, JsonTokenType type)
 	if (type == JSON_TOKEN_STRING && strlen(token) == 10 && ReadDay(token, &julian))
 		return DateADTGetDatum(julian - POSTGRES_EPOCH_JDATE);
 	return Input(conv, token, type);
+}
+
+/*
+ * Edm.Guid in its one JSON form, 8-4-4-4-12 hex digits, read straight into
+ * the 16 bytes; any other spelling is the input function's to judge.
+ */
+static Datum
+ConvertUuid(const CiflowConverter *conv, char *token, JsonTokenType type)
+{
+	pg_uuid_t  *uuid;
+	int			i;
+	int			n = 0;
+
+	if (type != JSON_TOKEN_STRING || strlen(token) != 36)
+		return Input(conv, token, type);
+	uuid = palloc(sizeof(pg_uuid_t));
+	for (i = 0; i < 36; i++)
+	{
+		int			hi,
+					lo;
+
+		if (i == 8 || i == 13 || i == 18 || i == 23)
+		{
+			if (token[i] != '-')
+				return Input(conv, token, type);
+			continue;
+		}
+		hi = HexDigit(token[i]);
+		lo = HexDigit(token[++i]);
+		if (hi < 0 || lo < 0)
+			return Input(conv, token, type);
+		uuid->data[n++] = (unsigned char) (hi << 4 | lo);
+	}
+	return UUIDPGetDatum(uuid);
 }
 
 /*
@@ -478,6 +525,9 @@ CiflowConverterInit(CiflowConverter *conv, Oid typid, int32 typmod,
 		case DATEOID:
 			conv->fn = ConvertDate;
 			break;
+		case UUIDOID:
+			conv->fn = ConvertUuid;
+			break;
 		case INTERVALOID:
 			conv->fn = ConvertInterval;
 			break;
@@ -488,7 +538,7 @@ CiflowConverterInit(CiflowConverter *conv, Oid typid, int32 typmod,
 			conv->fn = ConvertJsonb;
 			break;
 		default:
-			/* numeric, float, uuid and any type of a user's own column */
+			/* numeric, float and any type of a user's own column */
 			conv->fn = Input;
 			break;
 	}

@@ -177,3 +177,20 @@ def test_numbers_keep_the_servers_digits(ciflow_db):
         ciflow_db.sql("SELECT ciflow.edm_value('1.5'::jsonb, 'Edm.Int32')")
     assert json.loads(ciflow_db.sql("SELECT ciflow.edm_value('[1.50, \"x\"]'::jsonb,"
                                     " 'Collection(Edm.Decimal)')")[0][0]) == [1.50, "x"]
+
+
+@pytest.mark.parametrize("text", ["0b0f2f1e-0000-4000-8000-00000000002a",
+                                  "0B0F2F1E-ABCD-4EF0-8000-FFFFFFFFFFFF",
+                                  "{0b0f2f1e-0000-4000-8000-00000000002a}",
+                                  "0b0f2f1e000040008000000000000002a"[:32]])
+def test_guid_fast_path_reads_what_postgres_reads(ciflow_db, text):
+    ours, theirs = ciflow_db.sql("SELECT ciflow.edm_value(to_jsonb(%s::text), 'Edm.Guid'),"
+                                 " (%s::uuid)::text", (text, text))[0]
+    assert ours == theirs
+
+
+@pytest.mark.parametrize("text", ["0b0f2f1e-0000-4000-8000-00000000002g",
+                                  "0b0f2f1e-0000-4000-8000_00000000002a", "not-a-guid"])
+def test_bad_guids_are_the_input_functions_errors(ciflow_db, text):
+    with raises_sqlstate("22P02"):
+        ciflow_db.sql("SELECT ciflow.edm_value(to_jsonb(%s::text), 'Edm.Guid')", (text,))
