@@ -28,6 +28,7 @@
 #include "utils/builtins.h"
 #include "utils/date.h"
 #include "utils/datetime.h"
+#include "utils/float.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
 #include "utils/numeric.h"
@@ -175,6 +176,15 @@ ConvertInt8(const CiflowConverter *conv, char *token, JsonTokenType type)
 {
 	if (type == JSON_TOKEN_NUMBER || type == JSON_TOKEN_STRING)
 		return Int64GetDatum(pg_strtoint64(token));
+	return Input(conv, token, type);
+}
+
+/* Edm.Double, as a number or as IEEE754Compatible's "NaN", "INF", "-INF". */
+static Datum
+ConvertFloat8(const CiflowConverter *conv, char *token, JsonTokenType type)
+{
+	if (type == JSON_TOKEN_NUMBER || type == JSON_TOKEN_STRING)
+		return Float8GetDatum(float8in_internal(token, NULL, "double precision", token));
 	return Input(conv, token, type);
 }
 
@@ -513,6 +523,9 @@ CiflowConverterInit(CiflowConverter *conv, Oid typid, int32 typmod,
 		case INT8OID:
 			conv->fn = ConvertInt8;
 			break;
+		case FLOAT8OID:
+			conv->fn = ConvertFloat8;
+			break;
 		case BOOLOID:
 			conv->fn = ConvertBool;
 			break;
@@ -538,7 +551,7 @@ CiflowConverterInit(CiflowConverter *conv, Oid typid, int32 typmod,
 			conv->fn = ConvertJsonb;
 			break;
 		default:
-			/* numeric, float and any type of a user's own column */
+			/* numeric, real and any type of a user's own column */
 			conv->fn = Input;
 			break;
 	}

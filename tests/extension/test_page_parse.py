@@ -194,3 +194,19 @@ def test_guid_fast_path_reads_what_postgres_reads(ciflow_db, text):
 def test_bad_guids_are_the_input_functions_errors(ciflow_db, text):
     with raises_sqlstate("22P02"):
         ciflow_db.sql("SELECT ciflow.edm_value(to_jsonb(%s::text), 'Edm.Guid')", (text,))
+
+
+@pytest.mark.parametrize("json_text,want", [("1.5", "1.5"), ("-0.25e-3", "-0.00025"),
+                                            ("1e308", "1e+308"), ('"NaN"', "NaN"),
+                                            ('"INF"', "Infinity"), ('"-INF"', "-Infinity"),
+                                            ('"2.5"', "2.5")])
+def test_double_fast_path(ciflow_db, json_text, want):
+    assert ciflow_db.sql("SELECT ciflow.edm_value(%s::jsonb, 'Edm.Double')",
+                         (json_text,))[0][0] == want
+
+
+@pytest.mark.parametrize("json_text,sqlstate", [('"abc"', "22P02"), ("1e999", "22003"),
+                                                ("true", "22P02")])
+def test_bad_doubles_are_the_types_errors(ciflow_db, json_text, sqlstate):
+    with raises_sqlstate(sqlstate):
+        ciflow_db.sql("SELECT ciflow.edm_value(%s::jsonb, 'Edm.Double')", (json_text,))
