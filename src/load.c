@@ -18,6 +18,16 @@
  *	  version received last wins.  It writes only the heap it is given and
  *	  knows nothing of how that heap is published.
  *
+ *	  Rows of a heap that becomes a new target at publish go in frozen, as
+ *	  COPY FREEZE writes them.  The pages commit one by one, long before
+ *	  the publish; with ordinary row versions a REPEATABLE READ snapshot
+ *	  taken between two page commits would find, once the table has its
+ *	  name, the pages committed before it and not the others.  Frozen, the
+ *	  table is whole to every snapshot the moment it is named.  What this
+ *	  costs COPY FREEZE's way (rows visible before their transaction
+ *	  commits, and kept if it aborts) touches only the hidden heap under
+ *	  its staging name, which every failure drops.
+ *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
@@ -53,6 +63,7 @@ struct CiflowLoader
 	int			deleted_attno;	/* CIFLOW_STAGE_DELETED's index, or -1 */
 	int			key_attno;		/* the single key's index, or -1 */
 	bool		deletions;		/* a delta pull: $deletedEntity entries */
+	int			insert_options; /* table_multi_insert's */
 	int64		seq;			/* rows numbered so far in the run */
 
 	/*
@@ -101,7 +112,8 @@ FieldMatch(const void *key1, const void *key2, Size keysize)
 }
 
 CiflowLoader *
-CiflowLoaderCreate(const CiflowShape *shape, Relation staging, MemoryContext cxt)
+CiflowLoaderCreate(const CiflowShape *shape, Relation staging, bool frozen,
+				   MemoryContext cxt)
 {
 	MemoryContext old = MemoryContextSwitchTo(cxt);
 	CiflowLoader *ld = palloc0(sizeof(CiflowLoader));
@@ -110,6 +122,7 @@ CiflowLoaderCreate(const CiflowShape *shape, Relation staging, MemoryContext cxt
 
 	ld->shape = shape;
 	ld->cxt = cxt;
+	ld->insert_options = TABLE_INSERT_SKIP_FSM | (frozen ? TABLE_INSERT_FROZEN : 0);
 	ld->desc = CreateTupleDescCopy(RelationGetDescr(staging));
 	ld->source = palloc(sizeof(int) * ld->desc->natts);
 	ld->conv = palloc0(sizeof(CiflowConverter) * ld->desc->natts);
@@ -407,7 +420,7 @@ CiflowLoaderInsert(CiflowLoader *ld, Relation staging)
 	bistate = GetBulkInsertState();
 	for (done = 0; done < ld->nrows; done += LOAD_BATCH)
 		table_multi_insert(staging, ld->slots + done, Min(LOAD_BATCH, ld->nrows - done),
-						   cid, TABLE_INSERT_SKIP_FSM, bistate);
+						   cid, ld->insert_options, bistate);
 	FreeBulkInsertState(bistate);
 	return ld->nrows;
 }

@@ -16,10 +16,12 @@ typedef struct CiflowLoader CiflowLoader;
 
 /*
  * Prepares conversions for the staging heap's descriptor; lives in cxt,
- * which must outlast the transactions of the run.
+ * which must outlast the transactions of the run.  frozen: the heap is a
+ * new table that becomes the target at publish, and its rows go in frozen
+ * (see load.c).
  */
-extern CiflowLoader *CiflowLoaderCreate(const CiflowShape *shape,
-										Relation staging, MemoryContext cxt);
+extern CiflowLoader *CiflowLoaderCreate(const CiflowShape *shape, Relation staging,
+										bool frozen, MemoryContext cxt);
 
 /*
  * A delta pull's pages also hold deletions ({"@odata.context":

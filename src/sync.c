@@ -671,7 +671,7 @@ CiflowSyncExecute(const CiflowSyncArgs *args, CiflowRunState *run)
 			(void) set_config_option("synchronous_commit", "on", PGC_USERSET, PGC_S_SESSION,
 									 GUC_ACTION_LOCAL, true, 0, false);
 			staging = table_open(target->staging_relid, AccessShareLock);
-			loader = CiflowLoaderCreate(shape, staging, run_cxt);
+			loader = CiflowLoaderCreate(shape, staging, target->in_place, run_cxt);
 			table_close(staging, AccessShareLock);
 			CommitXact(run_cxt);
 

@@ -234,3 +234,33 @@ def test_statistics_are_autovacuums_unless_asked_for(ciflow_db, make_connection,
     # ANALYZE's count replaces the publish's, never adds to it.
     assert ciflow_db.sql("SELECT reltuples FROM pg_class WHERE oid = 'emu.stats_analyzed'"
                          "::regclass")[0][0] == 300
+
+
+def test_repeatable_read_snapshot_taken_mid_load_sees_no_partial_table(ciflow_db, ci_connection,
+                                                                       emulator):
+    """A snapshot taken after two pages committed, read after the publish: the
+    new table whole (or nothing), never the two pages that came before it."""
+    total = emulator.stats("Customer")["row_count"]
+    reader = ciflow_db.connect()
+    try:
+        with two_pages_loaded(ciflow_db, emulator, 2000) as result:
+            with reader.cursor() as cur:
+                cur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+                cur.execute("SELECT pg_catalog.count(*) FROM pg_catalog.pg_class")  # the snapshot
+        assert isinstance(result[0], dict), result
+        with reader.cursor() as cur:
+            cur.execute("SELECT pg_catalog.count(*) FROM emu.customer")
+            seen = cur.fetchone()[0]
+            cur.execute("COMMIT")
+    finally:
+        reader.close()
+    assert seen in (0, total), f"a snapshot from mid-load saw {seen} of {total} rows"
+    # The frozen rows and their visibility map are what PostgreSQL's own checks expect.
+    ciflow_db.sql("CREATE EXTENSION IF NOT EXISTS amcheck")
+    ciflow_db.sql("CREATE EXTENSION IF NOT EXISTS pg_visibility")
+    assert ciflow_db.sql("SELECT * FROM verify_heapam('emu.customer')") == []
+    assert ciflow_db.sql("SELECT * FROM pg_check_frozen('emu.customer')") == []
+    assert ciflow_db.sql("SELECT * FROM pg_check_visible('emu.customer')") == []
+    ciflow_db.sql("SELECT bt_index_check('emu.customer_pkey', true)")
+    ciflow_db.sql("VACUUM emu.customer")
+    assert ciflow_db.sql("SELECT count(*) FROM emu.customer") == [(total,)]
