@@ -265,7 +265,6 @@ CiflowApplyStaged(CiflowTarget *t, const CiflowShape *shape, CiflowPublishMethod
 	SPI_connect();
 	if (t->in_place)
 	{
-		/* Analyzed after the publish, as every target is. */
 		PublishInPlace(t, shape, staged, counts);
 		SPI_finish();
 		return;

@@ -309,7 +309,7 @@ ConvertTimestamptz(const CiflowConverter *conv, char *token, JsonTokenType type)
 	if (type == JSON_TOKEN_STRING && ReadTimestamptz(token, &ts))
 		return TimestampTzGetDatum(ts);
 	if (type == JSON_TOKEN_STRING)
-		return Input(conv, TruncateFraction(pstrdup(token)), type);
+		return Input(conv, TruncateFraction(token), type);
 	return Input(conv, token, type);
 }
 
@@ -317,7 +317,7 @@ static Datum
 ConvertTime(const CiflowConverter *conv, char *token, JsonTokenType type)
 {
 	if (type == JSON_TOKEN_STRING)
-		return Input(conv, TruncateFraction(pstrdup(token)), type);
+		return Input(conv, TruncateFraction(token), type);
 	return Input(conv, token, type);
 }
 
@@ -571,7 +571,7 @@ CiflowConvertComposite(const CiflowConverter *conv, const char *json, int len)
 
 /* A jansson scalar as the page parser would have delivered it. */
 static char *
-ScalarToken(json_t *value, JsonTokenType *type)
+JanssonToken(json_t *value, JsonTokenType *type)
 {
 	size_t		len;
 
@@ -619,7 +619,7 @@ CiflowConvert(const CiflowConverter *conv, json_t *value, bool *isnull)
 								 JsonbToCString(NULL, &jb->root, 0),
 								 conv->ioparam, conv->typmod);
 	}
-	token = ScalarToken(value, &type);
+	token = JanssonToken(value, &type);
 	/* The converters may truncate a copy, never the document's own string. */
 	return conv->fn(conv, type == JSON_TOKEN_STRING ? pstrdup(token) : token, type);
 }
@@ -628,7 +628,7 @@ static JsonbValue *
 PushScalar(JsonbParseState **state, JsonbIteratorToken tok, json_t *value)
 {
 	JsonTokenType type;
-	char	   *token = ScalarToken(value, &type);
+	char	   *token = JanssonToken(value, &type);
 
 	return PushToken(state, tok, token, type);
 }
@@ -681,7 +681,7 @@ CiflowJsonToJsonb(json_t *value)
 
 	if (json_is_object(value) || json_is_array(value))
 		return JsonbValueToJsonb(PushValue(&state, WJB_VALUE, value));
-	token = ScalarToken(value, &type);
+	token = JanssonToken(value, &type);
 	return ScalarJsonb(token, type);
 }
 

@@ -160,8 +160,7 @@ WriteBody(char *ptr, size_t size, size_t nmemb, void *userdata)
 /*
  * libcurl calls this often while it drives a transfer; a cancel or
  * terminate request ends the transfer, and is raised by the one who waits
- * for it.  A transfer driven by CiflowHttpPump while its owner is busy
- * stops here too.
+ * for it.
  */
 static int
 CheckInterrupts(void *clientp, curl_off_t dltotal, curl_off_t dlnow,
@@ -477,13 +476,6 @@ CiflowHttpStart(CiflowTransfer *t)
 	PG_END_TRY();
 }
 
-void
-CiflowHttpPump(void)
-{
-	if (multi != NULL)
-		Drive();
-}
-
 /*
  * Sleeps until one of libcurl's sockets is ready, its timeout is due
  * (capped, so that libcurl is asked again now and then), or the latch is
@@ -645,16 +637,6 @@ CiflowHttpFinish(CiflowTransfer *t)
 		PG_RE_THROW();
 	}
 	PG_END_TRY();
-}
-
-void
-CiflowHttpCancel(CiflowTransfer *t)
-{
-	CiflowHttpSlot *slot = SlotOf(t);
-
-	if (slot != NULL)
-		CancelSlot(slot);
-	t->slot = NULL;
 }
 
 void

@@ -69,11 +69,11 @@ typedef struct CiflowTransfer
  * CiflowHttpStart sets the transfer up, adds it and drives it as far as it
  * goes without blocking, then returns.  Until CiflowHttpFinish, the body
  * arrives into a buffer in the memory context current at the start,
- * whenever any transfer is driven (CiflowHttpPump, or a wait in
+ * whenever any transfer is driven (a start, or a wait in
  * CiflowHttpFinish).  Raises an ERROR only when no handle can be had;
  * then nothing is left in flight.
  *
- * A started transfer must be finished or cancelled.  If that memory
+ * A started transfer must be finished.  If that memory
  * context is reset or deleted first (an ERROR whose cleanup drops the
  * context, say), the transfer is cancelled then: no handle stays in the
  * multi handle and libcurl's copies of the headers are wiped.
@@ -93,19 +93,6 @@ extern void CiflowHttpStart(CiflowTransfer *t);
  * then cancelled.  A failed transfer is reported in t->error, never raised.
  */
 extern void CiflowHttpFinish(CiflowTransfer *t);
-
-/*
- * Moves every pending transfer on as far as it goes without blocking:
- * a caller busy with other work calls it now and then, so that responses
- * keep arriving.  Never waits; raises nothing but out of memory.
- */
-extern void CiflowHttpPump(void);
-
-/*
- * Drops a started transfer without its response (the connection is closed
- * if it was mid-answer).  Never raises; a transfer not started is ignored.
- */
-extern void CiflowHttpCancel(CiflowTransfer *t);
 
 /* Start and finish; interrupts (cancel, terminate) are raised as usual. */
 extern void CiflowHttpTransfer(CiflowTransfer *t);

@@ -243,8 +243,8 @@ RowStart(void *arg)
 			ld->slots[ld->nslots++] = MakeSingleTupleTableSlot(ld->desc, &TTSOpsHeapTuple);
 		MemoryContextSwitchTo(old);
 	}
+	/* Emptied when the page began (CiflowLoaderParse). */
 	slot = ld->slot = ld->slots[ld->nrows];
-	ExecClearTuple(slot);
 	memset(slot->tts_values, 0, sizeof(Datum) * ld->desc->natts);
 	memset(slot->tts_isnull, true, sizeof(bool) * ld->desc->natts);
 	ld->row_no = ld->nrows + 1;

@@ -49,8 +49,8 @@ struct CiflowPager
 	MemoryContext page_cxt;		/* a page's request and body; reset before
 								 * every request */
 	char	   *page_url;		/* the request of the page in page_cxt */
-	bool		started;		/* its request is under way (Accept began it) */
-	CiflowPendingRequest *pending;	/* in page_cxt */
+	CiflowPendingRequest *pending;	/* in page_cxt; set while its request is
+									 * under way (Accept began it) */
 	uint64		page_hash;		/* of the body Fetch returned */
 	bool		link_mode;
 	char	   *next_url;		/* in link mode; in the pager's context */
@@ -263,7 +263,6 @@ StartPage(CiflowPager *p)
 	req->return_refusal = p->refusable;
 	p->refusable = false;
 	p->pending = CiflowRequestStart(req);
-	p->started = true;
 	MemoryContextSwitchTo(old);
 }
 
@@ -275,9 +274,8 @@ CiflowPagerFetch(CiflowPager *p, char **body, size_t *len)
 
 	if (p->done)
 		return false;
-	if (!p->started)
+	if (p->pending == NULL)
 		StartPage(p);
-	p->started = false;
 	old = MemoryContextSwitchTo(p->page_cxt);
 	resp = CiflowRequestFinish(p->pending);
 	p->pending = NULL;

@@ -577,20 +577,6 @@ CiflowRequestFinish(CiflowPendingRequest *p)
 	}
 }
 
-void
-CiflowRequestCancel(CiflowPendingRequest *p)
-{
-	if (p->in_flight)
-		CiflowHttpCancel(&p->t);
-	p->in_flight = false;
-}
-
-void
-CiflowRequestPump(void)
-{
-	CiflowHttpPump();
-}
-
 CiflowResponse
 CiflowRequestPerform(const CiflowRequest *req)
 {

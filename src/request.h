@@ -87,20 +87,14 @@ extern CiflowResponse CiflowRequestPerform(const CiflowRequest *req);
  * ERRORs, return_refusal.  The body is allocated in the memory context of
  * the start.  The pending request is spent afterwards, also when it raised.
  *
- * A pending request must be finished or cancelled; when its memory context
- * is reset or deleted first (an ERROR whose cleanup drops it), the
- * transfer in flight is cancelled with it.  CiflowRequestCancel drops it
- * without an answer (the call it made still counts) and never raises.
- *
- * CiflowRequestPump moves pending answers on without waiting, for a caller
- * busy with something else.
+ * A pending request must be finished; when its memory context is reset
+ * or deleted first (an ERROR whose cleanup drops it), the transfer in
+ * flight is cancelled with it (the call it made still counts).
  */
 typedef struct CiflowPendingRequest CiflowPendingRequest;
 
 extern CiflowPendingRequest *CiflowRequestStart(const CiflowRequest *req);
 extern CiflowResponse CiflowRequestFinish(CiflowPendingRequest *pending);
-extern void CiflowRequestCancel(CiflowPendingRequest *pending);
-extern void CiflowRequestPump(void);
 
 /*
  * Same, then parses the body as JSON (22032 when it is not JSON); NULL for
