@@ -264,3 +264,23 @@ def test_repeatable_read_snapshot_taken_mid_load_sees_no_partial_table(ciflow_db
     ciflow_db.sql("SELECT bt_index_check('emu.customer_pkey', true)")
     ciflow_db.sql("VACUUM emu.customer")
     assert ciflow_db.sql("SELECT count(*) FROM emu.customer") == [(total,)]
+
+
+def test_terminated_worker_leaves_no_table_and_the_next_sync_succeeds(ciflow_db, ci_connection,
+                                                                      emulator):
+    """pg_terminate_backend of the sync worker itself, mid-load (a FATAL, not an
+    ERROR): the caller gets an error, and nothing is left that a later sync
+    trips over; the next first sync builds the whole table."""
+    total = emulator.stats("Customer")["row_count"]
+    with two_pages_loaded(ciflow_db, emulator, 3000) as result:
+        (pid,), = sync_workers(ciflow_db)
+        ciflow_db.sql("SELECT pg_terminate_backend(%s)", (pid,))
+    assert isinstance(result[0], Exception), result
+    wait_for(lambda: not sync_workers(ciflow_db), timeout=10, what="the worker to exit")
+    assert ciflow_db.sql("SELECT to_regclass('emu.customer')") == [(None,)]
+    emulator.clear_faults()
+    run = sync(ciflow_db, "emu", "Customer")
+    assert run["status"] == "succeeded" and run["inserted"] == total, run
+    assert hidden_tables(ciflow_db) == []
+    statuses = ciflow_db.sql("SELECT status FROM ciflow.sync_runs ORDER BY id")
+    assert statuses == [("failed",), ("succeeded",)], statuses

@@ -13,7 +13,8 @@ import json
 
 import pytest
 
-from extension.cihelpers import raises_sqlstate, sync, table_md5
+from extension.cihelpers import (connection_args, create_connection_sql, raises_sqlstate,
+                                 sync, table_md5)
 
 ENTITY = "Parsed"
 TABLE = "emu.parsed"
@@ -210,3 +211,30 @@ def test_double_fast_path(ciflow_db, json_text, want):
 def test_bad_doubles_are_the_types_errors(ciflow_db, json_text, sqlstate):
     with raises_sqlstate(sqlstate):
         ciflow_db.sql("SELECT ciflow.edm_value(%s::jsonb, 'Edm.Double')", (json_text,))
+
+
+def test_a_latin1_database_gets_its_own_encoding_or_a_clear_error(pg_cluster, emulator):
+    """Pages are UTF-8; a LATIN1 database stores what LATIN1 can hold (text,
+    names, jsonb) and refuses, with 22P05 and the table intact, what it cannot."""
+    name = "ciflow_latin1"
+    pg_cluster.sql(f"CREATE DATABASE {name} ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C'"
+                   " TEMPLATE template0")
+    try:
+        db = pg_cluster.database(name)
+        db.sql("CREATE EXTENSION ciflow")
+        create, params = create_connection_sql("emu", connection_args(emulator))
+        db.sql(create, params)
+        meta = dict(META, attributes=META["attributes"][:3] + [META["attributes"][4]])
+        emulator.set_entity(ENTITY, meta, rows=[
+            {"PId": "caf\u00e9", "Score": 1, "Note": "na\u00efve \\u00e9", "Extra": {"k\u00e9": "\u00e0"}}])
+        sync(db, "emu", ENTITY)
+        assert db.sql(f"SELECT p_id, note, extra::text FROM {TABLE}") == [
+            ("caf\u00e9", "na\u00efve \\u00e9", '{"k\u00e9": "\u00e0"}')]
+        before = table_md5(db, TABLE)
+        emulator.set_entity(ENTITY, meta, rows=[
+            {"PId": "caf\u00e9", "Score": 1, "Note": "\u65e5\u672c", "Extra": None}])
+        with raises_sqlstate("22P05"):
+            sync(db, "emu", ENTITY)
+        assert table_md5(db, TABLE) == before
+    finally:
+        pg_cluster.drop_database(name)
